@@ -1,0 +1,233 @@
+"""Camera images and LiDAR sweeps of the twin's world, through the written calibration.
+
+Images: a z-buffer over a textured ground plane (z = 0), a sky, and shaded box faces whose hue
+names the class. LiDAR: rays of a 32-beam spinning sensor cast against the ground and the boxes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from pipeline.twin.world import CLASS_SPECS, LIDAR_ELEVATIONS_DEG, LIDAR_MAX_RANGE, class_rgb
+
+# Box faces as (corner indices, outward normal in the box frame); corners are ordered as
+# itertools.product over (x, y, z) signs. The bottom face lies on the ground and is never seen.
+_SIGNS = np.array([[sx, sy, sz] for sx in (1, -1) for sy in (1, -1) for sz in (1, -1)], dtype=np.float64)
+_FACES = (
+    ((0, 1, 3, 2), (1.0, 0.0, 0.0)),
+    ((4, 6, 7, 5), (-1.0, 0.0, 0.0)),
+    ((0, 4, 5, 1), (0.0, 1.0, 0.0)),
+    ((2, 3, 7, 6), (0.0, -1.0, 0.0)),
+    ((0, 2, 6, 4), (0.0, 0.0, 1.0)),
+)
+_LIGHT = np.array([0.45, 0.3, 0.84]) / np.linalg.norm([0.45, 0.3, 0.84])
+_SKY_TOP = np.array([90.0, 140.0, 215.0])
+_SKY_HORIZON = np.array([200.0, 215.0, 230.0])
+_NEAR = 0.1  # m, camera near plane
+
+
+def box_corners(box: np.ndarray) -> np.ndarray:
+    """(8, 3) global corners of one (7,) box x, y, z, w, l, h, yaw (see _SIGNS for the order)."""
+    w, length, h, yaw = box[3], box[4], box[5], box[6]
+    local = _SIGNS * np.array([length / 2, w / 2, h / 2])
+    c, s = np.cos(yaw), np.sin(yaw)
+    rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    return local @ rot.T + box[:3]
+
+
+def box_rotation(yaw: float) -> np.ndarray:
+    c, s = np.cos(yaw), np.sin(yaw)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def _clip_near(poly: np.ndarray) -> np.ndarray:
+    """Clip a (k, 3) camera-frame polygon to z >= _NEAR (Sutherland-Hodgman, one plane)."""
+    out = []
+    for i in range(len(poly)):
+        a, b = poly[i], poly[(i + 1) % len(poly)]
+        a_in, b_in = a[2] >= _NEAR, b[2] >= _NEAR
+        if a_in:
+            out.append(a)
+        if a_in != b_in:
+            t = (_NEAR - a[2]) / (b[2] - a[2])
+            out.append(a + t * (b - a))
+    return np.array(out)
+
+
+class CameraRenderer:
+    """Renders one camera's view.
+
+    The ego stays on the ground plane and only turns about z, so everything about the ground
+    and sky that does not depend on where the car is — which pixels see ground, their depth,
+    where they hit the ground in the ego frame, the sky and haze — is computed once per camera.
+    """
+
+    def __init__(self, intrinsic: np.ndarray, cam_to_ego: np.ndarray, width: int, height: int):
+        self.width, self.height = width, height
+        self.intrinsic = intrinsic
+        u, v = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+        # (H, W, 3) camera-frame rays with z = 1: a pixel's depth along z is its ray parameter.
+        self.rays = np.stack(
+            [(u - intrinsic[0, 2]) / intrinsic[0, 0], (v - intrinsic[1, 2]) / intrinsic[1, 1], np.ones_like(u)], -1
+        )
+        rot, origin = cam_to_ego[:3, :3].astype(np.float32), cam_to_ego[:3, 3]
+        dirs = self.rays @ rot.T  # (H, W, 3) ego-frame directions
+        dz = dirs[..., 2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            depth = np.where(dz < -1e-6, -origin[2] / dz, np.inf).astype(np.float32)
+        depth[depth > 400.0] = np.inf
+        self.ground = np.isfinite(depth)
+        self.depth = depth
+        self.ground_xy = (origin[:2] + dirs[self.ground][:, :2] * depth[self.ground][:, None]).astype(np.float32)
+        haze = np.clip(depth[self.ground] / 250.0, 0.0, 1.0)[:, None].astype(np.float32)
+        self.ground_haze = haze
+        self.ground_haze_rgb = (_SKY_HORIZON * haze).astype(np.float32)
+        elevation = np.clip(dz / np.linalg.norm(dirs, axis=-1) * 3.0, 0.0, 1.0)[..., None]
+        self.background = np.rint(_SKY_HORIZON * (1 - elevation) + _SKY_TOP * elevation).astype(np.uint8)
+        # A fixed random 0.5 m texture, tiled every 128 m.
+        self.texture = np.random.default_rng(7).integers(0, 23, size=(256, 256)).astype(np.float32)
+
+    def render(
+        self, ego_to_global: np.ndarray, cam_to_global: np.ndarray, boxes: np.ndarray, names: list[str]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Image (H, W, 3) uint8, per-object visible pixels (n,) and unoccluded pixels (n,).
+
+        ego_to_global, cam_to_global: (4, 4) transforms; boxes: (n, 7) global boxes.
+        """
+        rot, origin = cam_to_global[:3, :3], cam_to_global[:3, 3]
+        ego_rot = ego_to_global[:2, :2].astype(np.float32)
+        g = self.ground_xy @ ego_rot.T + ego_to_global[:2, 3].astype(np.float32)  # (m, 2) global
+        # Ground: 2 m checkerboard with a fine 0.5 m texture, hazing towards the horizon.
+        checker = (np.floor(g[:, 0] / 2.0) + np.floor(g[:, 1] / 2.0)) % 2
+        cells = np.floor(g * 2.0).astype(np.int64) & 255
+        gray = 88.0 + 26.0 * checker + self.texture[cells[:, 0], cells[:, 1]]
+        image = self.background.copy()
+        image[self.ground] = np.rint(gray[:, None] * (1 - self.ground_haze) + self.ground_haze_rgb).astype(np.uint8)
+        depth = self.depth.copy()
+
+        ids = np.full((self.height, self.width), -1, dtype=np.int32)
+        area = np.zeros(len(boxes), dtype=np.int64)
+        world_to_cam = rot.T
+        for k, box in enumerate(boxes):
+            corners = (box_corners(box) - origin) @ world_to_cam.T  # (8, 3) camera frame
+            if (corners[:, 2] < _NEAR).all():
+                continue
+            box_rot = box_rotation(box[6])
+            for idx, normal in _FACES:
+                normal_g = box_rot @ np.array(normal)
+                face = corners[list(idx)]
+                centre_g = box[:3] + box_rot @ (np.array(normal) * np.array([box[4], box[3], box[5]]) / 2)
+                if normal_g @ (origin - centre_g) <= 0:
+                    continue  # back face
+                face = _clip_near(face)
+                if len(face) < 3:
+                    continue
+                uv = face[:, :2] / face[:, 2:3] * np.diag(self.intrinsic)[:2] + self.intrinsic[:2, 2]
+                u0, v0 = np.floor(uv.min(0)).astype(int)
+                u1, v1 = np.ceil(uv.max(0)).astype(int)
+                u0, v0 = max(u0, 0), max(v0, 0)
+                u1, v1 = min(u1, self.width - 1), min(v1, self.height - 1)
+                if u1 < u0 or v1 < v0:
+                    continue
+                mask_img = Image.new("L", (u1 - u0 + 1, v1 - v0 + 1), 0)
+                ImageDraw.Draw(mask_img).polygon([(float(a - u0), float(b - v0)) for a, b in uv], fill=1)
+                mask = np.asarray(mask_img, dtype=bool)
+                if not mask.any():
+                    continue
+                normal_c = world_to_cam @ normal_g
+                point_c = (centre_g - origin) @ world_to_cam.T
+                rays = self.rays[v0 : v1 + 1, u0 : u1 + 1]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    z = (normal_c @ point_c) / (rays @ normal_c.astype(np.float32))
+                region = depth[v0 : v1 + 1, u0 : u1 + 1]
+                mask &= (z > 0) & np.isfinite(z)
+                area[k] += int(mask.sum())
+                front = mask & (z < region)
+                shade = 0.45 + 0.55 * max(0.0, float(normal_g @ _LIGHT))
+                region[front] = z[front]
+                image[v0 : v1 + 1, u0 : u1 + 1][front] = np.rint(class_rgb(names[k], shade)).astype(np.uint8)
+                ids[v0 : v1 + 1, u0 : u1 + 1][front] = k
+        visible = np.bincount(ids[ids >= 0], minlength=len(boxes))
+        return image, visible, area
+
+
+def lidar_rays(azimuth_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 3) unit ray directions in the LiDAR frame and (n,) beam (ring) index of each."""
+    elev = np.radians(LIDAR_ELEVATIONS_DEG)
+    azim = np.linspace(-np.pi, np.pi, azimuth_steps, endpoint=False)
+    e, a = np.meshgrid(elev, azim, indexing="ij")
+    dirs = np.stack([np.cos(e) * np.cos(a), np.cos(e) * np.sin(a), np.sin(e)], -1).reshape(-1, 3)
+    ring = np.repeat(np.arange(len(elev)), azimuth_steps)
+    return dirs, ring
+
+
+_INTENSITY = {name: 20.0 + 9.0 * i for i, name in enumerate(CLASS_SPECS)}
+
+
+def cast_lidar(
+    sensor_to_global: np.ndarray, dirs: np.ndarray, ring: np.ndarray, boxes: np.ndarray, names: list[str]
+) -> np.ndarray:
+    """(m, 5) float32 points x, y, z, intensity, ring in the sensor frame, from the first hits.
+
+    A box hit is placed just inside the box (up to 2 cm past its surface, at most half the
+    chord) so that counting points inside boxes is exact despite rounding to float32.
+    """
+    rot, origin = sensor_to_global[:3, :3], sensor_to_global[:3, 3]
+    d_g = dirs @ rot.T  # (n, 3)
+    n = len(dirs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_best = np.where(d_g[:, 2] < -1e-9, -origin[2] / d_g[:, 2], np.inf)
+    hit = np.full(n, -1, dtype=np.int64)
+    if len(boxes):
+        rel_centre = boxes[:, :2] - origin[:2]
+        near = np.linalg.norm(rel_centre, axis=1) < LIDAR_MAX_RANGE + 10.0
+        sensor_yaw = np.arctan2(rot[1, 0], rot[0, 0])
+        azimuth_steps = n // len(LIDAR_ELEVATIONS_DEG)
+        for k in np.flatnonzero(near):
+            box = boxes[k]
+            c, s = np.cos(box[6]), np.sin(box[6])
+            # Only the rays whose azimuth falls within the box's angular extent can hit it.
+            corners = (
+                box[:2, None]
+                + np.array([[c, s], [-s, c]]).T
+                @ (np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]]) * np.array([box[4], box[3]]) / 2).T
+            )
+            corner_ang = np.arctan2(corners[1] - origin[1], corners[0] - origin[0])
+            centre_ang = np.arctan2(rel_centre[k, 1], rel_centre[k, 0])
+            rel_ang = (corner_ang - centre_ang + np.pi) % (2 * np.pi) - np.pi
+            if np.ptp(rel_ang) > np.pi - 0.1:
+                cols = np.arange(azimuth_steps)
+            else:
+                lo = centre_ang + rel_ang.min() - sensor_yaw
+                hi = centre_ang + rel_ang.max() - sensor_yaw
+                step = 2 * np.pi / azimuth_steps
+                first = int(np.floor((lo + np.pi) / step)) - 1
+                last = int(np.ceil((hi + np.pi) / step)) + 1
+                cols = np.arange(first, last + 1) % azimuth_steps
+            idx = (np.arange(len(LIDAR_ELEVATIONS_DEG))[:, None] * azimuth_steps + cols[None, :]).ravel()
+            rel = origin - box[:3]
+            o_l = np.array([c * rel[0] + s * rel[1], -s * rel[0] + c * rel[1], rel[2]])
+            dg = d_g[idx]
+            d_l = np.stack([c * dg[:, 0] + s * dg[:, 1], -s * dg[:, 0] + c * dg[:, 1], dg[:, 2]], 1)
+            half = np.array([box[4], box[3], box[5]]) / 2
+            with np.errstate(divide="ignore", invalid="ignore"):
+                t1 = (-half - o_l) / d_l
+                t2 = (half - o_l) / d_l
+            t_in = np.nanmax(np.minimum(t1, t2), axis=1)
+            t_out = np.nanmin(np.maximum(t1, t2), axis=1)
+            t_hit = t_in + np.minimum(0.02, (t_out - t_in) / 2)
+            # Keep only hits at least 1 mm inside every face (grazing rays pass), so a point's
+            # inside-or-outside never hangs on float rounding.
+            with np.errstate(invalid="ignore"):
+                inner = (half - np.abs(o_l + d_l * t_hit[:, None])).min(axis=1)
+                ok = (t_out > t_in) & (t_in > 0) & (t_hit < t_best[idx]) & (inner > 1e-3)
+            t_best[idx[ok]] = t_hit[ok]
+            hit[idx[ok]] = k
+    keep = (t_best < LIDAR_MAX_RANGE) & (t_best > 1.0)
+    t = t_best[keep]
+    points = dirs[keep] * t[:, None]
+    intensity = np.where(hit[keep] >= 0, 0.0, 8.0 + (ring[keep] % 5))
+    for k in np.unique(hit[keep][hit[keep] >= 0]):
+        intensity[hit[keep] == k] = _INTENSITY[names[k]]
+    return np.column_stack([points, intensity, ring[keep]]).astype(np.float32)

@@ -1,0 +1,456 @@
+"""Writes the synthetic twin in the nuScenes on-disk layout (tables, samples, sweeps, maps).
+
+Everything derives from (params, seed): tokens are hashes, timestamps are computed, and each
+scene is generated independently, so the output is byte-for-byte identical for a given seed
+whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pyquaternion import Quaternion
+from tqdm import tqdm
+
+from pipeline.twin.render import CameraRenderer, cast_lidar, lidar_rays
+from pipeline.twin.world import (
+    ALL_CATEGORIES,
+    ATTRIBUTES,
+    CAMERAS,
+    CLASS_SPECS,
+    CLASSES,
+    KEYFRAME_DT,
+    LIDAR_TRANSLATION,
+    LIDAR_YAW_DEG,
+    SWEEP_DT,
+    VISIBILITY_LEVELS,
+    Scene,
+    camera_intrinsic,
+    camera_rotation,
+    make_scene,
+    yaw_quaternion,
+)
+
+VERSIONS = ("v1.0-mini", "v1.0-trainval")
+TABLES = (
+    "attribute",
+    "calibrated_sensor",
+    "category",
+    "ego_pose",
+    "instance",
+    "log",
+    "map",
+    "sample",
+    "sample_annotation",
+    "sample_data",
+    "scene",
+    "sensor",
+    "visibility",
+)
+LOCATIONS = ("singapore-onenorth", "boston-seaport", "singapore-queenstown", "singapore-hollandvillage")
+# Camera trigger offsets from the LiDAR key frame (us): each fires as the LiDAR sweeps past it.
+CAMERA_OFFSETS_US = (12_000, 20_000, 4_000, 37_000, 45_000, 29_000)
+BASE_TIMESTAMP_US = 1_532_402_927_000_000
+MIN_WIDTH, MIN_HEIGHT = 160, 90
+
+
+class TwinConfigError(ValueError):
+    """A synthesize parameter is out of range; the message names it."""
+
+
+@dataclass(frozen=True)
+class TwinConfig:
+    version: str = "v1.0-mini"
+    seed: int = 0
+    num_scenes: int = 10
+    samples_per_scene: int = 8
+    objects_per_scene: int = 40
+    image_width: int = 1600
+    image_height: int = 900
+    jpeg_quality: int = 90
+    sweeps_per_sample: int = 9
+    lidar_azimuth_steps: int = 720
+    classes: tuple[str, ...] = CLASSES
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def validate(self) -> None:
+        def bad(name: str, expected: str, got: object) -> TwinConfigError:
+            return TwinConfigError(f"synthesize.{name}: expected {expected}, got {got!r}")
+
+        if self.version not in VERSIONS:
+            raise bad("version", f"one of {VERSIONS}", self.version)
+        limit = len(scene_names(self.version, None))
+        if not 1 <= self.num_scenes <= limit:
+            raise bad("num_scenes", f"1..{limit} for {self.version}", self.num_scenes)
+        if self.samples_per_scene < 2:
+            raise bad("samples_per_scene", "at least 2", self.samples_per_scene)
+        if self.objects_per_scene < 0:
+            raise bad("objects_per_scene", "0 or more", self.objects_per_scene)
+        if self.image_width < MIN_WIDTH or self.image_height < MIN_HEIGHT:
+            raise bad(
+                "image_width/image_height",
+                f"at least {MIN_WIDTH} x {MIN_HEIGHT} pixels for the cameras",
+                (self.image_width, self.image_height),
+            )
+        if not 1 <= self.jpeg_quality <= 100:
+            raise bad("jpeg_quality", "1..100", self.jpeg_quality)
+        if not 0 <= self.sweeps_per_sample <= 9:
+            raise bad("sweeps_per_sample", "0..9 (20 Hz LiDAR between 2 Hz key frames)", self.sweeps_per_sample)
+        if self.lidar_azimuth_steps < 36:
+            raise bad("lidar_azimuth_steps", "at least 36", self.lidar_azimuth_steps)
+        unknown = [c for c in self.classes if c not in CLASS_SPECS]
+        if unknown or not self.classes:
+            raise bad("classes", f"a non-empty subset of {list(CLASSES)}", list(self.classes))
+
+
+def scene_names(version: str, count: int | None) -> list[str]:
+    """Scene names from the devkit's splits, interleaving train and val (about 4:1)."""
+    from nuscenes.utils import splits
+
+    train, val = (splits.mini_train, splits.mini_val) if version == "v1.0-mini" else (splits.train, splits.val)
+    names, ti, vi = [], 0, 0
+    while ti < len(train) or vi < len(val):
+        if vi < len(val) and (ti >= len(train) or len(names) % 5 == 1):
+            names.append(val[vi])
+            vi += 1
+        else:
+            names.append(train[ti])
+            ti += 1
+    return names if count is None else names[:count]
+
+
+def _token(cfg: TwinConfig, *parts: object) -> str:
+    key = "/".join(str(p) for p in (cfg.seed, cfg.version) + parts)
+    return hashlib.md5(key.encode()).hexdigest()
+
+
+def _transform(translation: list[float], rotation: list[float]) -> np.ndarray:
+    """(4, 4) from a nuScenes translation and [w, x, y, z] rotation."""
+    mat = np.eye(4)
+    mat[:3, :3] = Quaternion(rotation).rotation_matrix
+    mat[:3, 3] = translation
+    return mat
+
+
+def _log_name(cfg: TwinConfig, scene: Scene) -> str:
+    location = LOCATIONS[scene.index % len(LOCATIONS)]
+    prefix = "n015" if location.startswith("singapore") else "n008"
+    stamp = (BASE_TIMESTAMP_US // 1_000_000) + 3600 * scene.index
+    return f"{prefix}-synthetic-{cfg.seed}-{stamp}"
+
+
+def _count_in_boxes(points: np.ndarray, boxes_sensor: np.ndarray) -> np.ndarray:
+    """(n,) number of (m, 3) sensor-frame points inside each of (n, 7) sensor-frame boxes."""
+    counts = np.zeros(len(boxes_sensor), dtype=np.int64)
+    p = points.astype(np.float64)
+    for k, b in enumerate(boxes_sensor):
+        c, s = np.cos(b[6]), np.sin(b[6])
+        rel = p - b[:3]
+        x = c * rel[:, 0] + s * rel[:, 1]
+        y = -s * rel[:, 0] + c * rel[:, 1]
+        inside = (np.abs(x) <= b[4] / 2) & (np.abs(y) <= b[3] / 2) & (np.abs(rel[:, 2]) <= b[5] / 2)
+        counts[k] = int(inside.sum())
+    return counts
+
+
+def _boxes_to_frame(boxes: np.ndarray, global_to_frame: np.ndarray) -> np.ndarray:
+    """(n, 7) global boxes in another frame whose rotation is about z (as ego and LiDAR are)."""
+    out = boxes.copy()
+    out[:, :3] = boxes[:, :3] @ global_to_frame[:3, :3].T + global_to_frame[:3, 3]
+    out[:, 6] = boxes[:, 6] + np.arctan2(global_to_frame[1, 0], global_to_frame[0, 0])
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _renderers(width: int, height: int) -> dict[str, CameraRenderer]:
+    """One renderer per camera; all scenes share the calibration, so a worker builds them once."""
+    out = {}
+    for cam in CAMERAS:
+        cam_to_ego = np.eye(4)
+        cam_to_ego[:3, :3] = Quaternion(matrix=camera_rotation(cam.yaw_deg)).rotation_matrix
+        cam_to_ego[:3, 3] = cam.translation
+        out[cam.channel] = CameraRenderer(camera_intrinsic(cam, width, height), cam_to_ego, width, height)
+    return out
+
+
+def generate_scene(cfg: TwinConfig, index: int, root: str) -> dict[str, list[dict]]:
+    """Generate one scene's files under root and return its table records."""
+    name = scene_names(cfg.version, cfg.num_scenes)[index]
+    scene = make_scene(index, name, cfg.samples_per_scene, cfg.objects_per_scene, tuple(cfg.classes), cfg.seed)
+    tables: dict[str, list[dict]] = {t: [] for t in TABLES}
+    log_name = _log_name(cfg, scene)
+    log_token = _token(cfg, "log", index)
+    location = LOCATIONS[index % len(LOCATIONS)]
+    tables["log"].append(
+        {
+            "token": log_token,
+            "logfile": log_name,
+            "vehicle": "n015" if location.startswith("singapore") else "n008",
+            "date_captured": "2018-07-24",
+            "location": location,
+        }
+    )
+    width, height = cfg.image_width, cfg.image_height
+    calib: dict[str, dict] = {}
+    for cam in CAMERAS:
+        rot = Quaternion(matrix=camera_rotation(cam.yaw_deg))
+        calib[cam.channel] = {
+            "token": _token(cfg, "calibrated_sensor", index, cam.channel),
+            "sensor_token": _token(cfg, "sensor", cam.channel),
+            "translation": list(cam.translation),
+            "rotation": [float(v) for v in rot.elements],
+            "camera_intrinsic": camera_intrinsic(cam, width, height).tolist(),
+        }
+    calib["LIDAR_TOP"] = {
+        "token": _token(cfg, "calibrated_sensor", index, "LIDAR_TOP"),
+        "sensor_token": _token(cfg, "sensor", "LIDAR_TOP"),
+        "translation": list(LIDAR_TRANSLATION),
+        "rotation": yaw_quaternion(float(np.radians(LIDAR_YAW_DEG))),
+        "camera_intrinsic": [],
+    }
+    tables["calibrated_sensor"].extend(calib.values())
+    renderers = _renderers(width, height)
+    dirs, ring = lidar_rays(cfg.lidar_azimuth_steps)
+    names = [o.name for o in scene.objects]
+    base_ts = BASE_TIMESTAMP_US + index * 3_600_000_000
+    sample_tokens = [_token(cfg, "sample", index, k) for k in range(cfg.samples_per_scene)]
+    channel_chain: dict[str, list[dict]] = {c.channel: [] for c in CAMERAS}
+    channel_chain["LIDAR_TOP"] = []
+
+    def add_sample_data(
+        channel: str, t_us: int, key: bool, sample_k: int, filename: str, w: int, h: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Adds a sample_data and its ego pose; returns the ego->global and sensor->global transforms."""
+        t = (t_us - base_ts) / 1e6
+        translation, rotation = scene.ego_pose(t)
+        sd_token = _token(cfg, "sample_data", index, channel, t_us)
+        tables["ego_pose"].append(
+            {"token": sd_token, "timestamp": t_us, "rotation": rotation, "translation": translation}
+        )
+        record = {
+            "token": sd_token,
+            "sample_token": sample_tokens[sample_k],
+            "ego_pose_token": sd_token,
+            "calibrated_sensor_token": calib[channel]["token"],
+            "timestamp": t_us,
+            "fileformat": "jpg" if channel.startswith("CAM") else "pcd",
+            "is_key_frame": key,
+            "height": h,
+            "width": w,
+            "filename": filename,
+            "prev": "",
+            "next": "",
+        }
+        channel_chain[channel].append(record)
+        ego_to_global = _transform(translation, rotation)
+        return ego_to_global, ego_to_global @ _transform(calib[channel]["translation"], calib[channel]["rotation"])
+
+    def lidar_sweep(t_us: int, key: bool, sample_k: int) -> tuple[np.ndarray, np.ndarray]:
+        folder = "samples" if key else "sweeps"
+        filename = f"{folder}/LIDAR_TOP/{log_name}__LIDAR_TOP__{t_us}.pcd.bin"
+        _, sensor_to_global = add_sample_data("LIDAR_TOP", t_us, key, sample_k, filename, 0, 0)
+        points = cast_lidar(sensor_to_global, dirs, ring, scene.object_boxes((t_us - base_ts) / 1e6), names)
+        with open(os.path.join(root, filename), "wb") as f:
+            f.write(points.tobytes())
+        return points, sensor_to_global
+
+    ann_tokens: list[list[str]] = []
+    for k in range(cfg.samples_per_scene):
+        key_us = base_ts + int(round(k * KEYFRAME_DT * 1e6))
+        if k > 0:
+            for j in range(cfg.sweeps_per_sample, 0, -1):
+                sweep_us = key_us - int(round(j * SWEEP_DT * 1e6))
+                # A sweep belongs to the key frame nearest in time.
+                lidar_sweep(sweep_us, False, k if j * SWEEP_DT < KEYFRAME_DT / 2 else k - 1)
+        points, lidar_to_global = lidar_sweep(key_us, True, k)
+        boxes = scene.object_boxes(k * KEYFRAME_DT)
+        num_pts = _count_in_boxes(points[:, :3], _boxes_to_frame(boxes, np.linalg.inv(lidar_to_global)))
+        visible = np.zeros(len(boxes), dtype=np.int64)
+        area = np.zeros(len(boxes), dtype=np.int64)
+        for cam, offset in zip(CAMERAS, CAMERA_OFFSETS_US):
+            t_us = key_us + offset
+            filename = f"samples/{cam.channel}/{log_name}__{cam.channel}__{t_us}.jpg"
+            ego_to_global, cam_to_global = add_sample_data(cam.channel, t_us, True, k, filename, width, height)
+            boxes_now = scene.object_boxes((t_us - base_ts) / 1e6)
+            image, vis, ar = renderers[cam.channel].render(ego_to_global, cam_to_global, boxes_now, names)
+            visible += vis
+            area += ar
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="JPEG", quality=cfg.jpeg_quality)
+            with open(os.path.join(root, filename), "wb") as f:
+                f.write(buf.getvalue())
+        tables["sample"].append(
+            {
+                "token": sample_tokens[k],
+                "timestamp": key_us,
+                "prev": sample_tokens[k - 1] if k > 0 else "",
+                "next": sample_tokens[k + 1] if k + 1 < cfg.samples_per_scene else "",
+                "scene_token": _token(cfg, "scene", index),
+            }
+        )
+        frac = np.where(area > 0, visible / np.maximum(area, 1), 0.0)
+        level = np.digitize(frac, [0.4, 0.6, 0.8]) + 1
+        ann_tokens.append([])
+        for i, obj in enumerate(scene.objects):
+            ann_token = _token(cfg, "sample_annotation", index, k, i)
+            ann_tokens[-1].append(ann_token)
+            tables["sample_annotation"].append(
+                {
+                    "token": ann_token,
+                    "sample_token": sample_tokens[k],
+                    "instance_token": _token(cfg, "instance", index, i),
+                    "visibility_token": str(int(level[i])),
+                    "attribute_tokens": [_token(cfg, "attribute", a) for a in _attributes(obj.name, obj.moving)],
+                    "translation": [float(v) for v in boxes[i, :3]],
+                    "size": [float(v) for v in boxes[i, 3:6]],
+                    "rotation": yaw_quaternion(float(boxes[i, 6])),
+                    "prev": _token(cfg, "sample_annotation", index, k - 1, i) if k > 0 else "",
+                    "next": _token(cfg, "sample_annotation", index, k + 1, i) if k + 1 < cfg.samples_per_scene else "",
+                    "num_lidar_pts": int(num_pts[i]),
+                    "num_radar_pts": 0,
+                }
+            )
+    for records in channel_chain.values():
+        for a, b in zip(records[:-1], records[1:]):
+            a["next"], b["prev"] = b["token"], a["token"]
+        tables["sample_data"].extend(records)
+    for i, obj in enumerate(scene.objects):
+        tables["instance"].append(
+            {
+                "token": _token(cfg, "instance", index, i),
+                "category_token": _token(cfg, "category", obj.category),
+                "nbr_annotations": cfg.samples_per_scene,
+                "first_annotation_token": ann_tokens[0][i],
+                "last_annotation_token": ann_tokens[-1][i],
+            }
+        )
+    tables["scene"].append(
+        {
+            "token": _token(cfg, "scene", index),
+            "log_token": log_token,
+            "nbr_samples": cfg.samples_per_scene,
+            "first_sample_token": sample_tokens[0],
+            "last_sample_token": sample_tokens[-1],
+            "name": name,
+            "description": f"synthetic, {'turning' if scene.path.curvature else 'straight'} road, "
+            f"ego at {scene.ego_speed:.1f} m/s, {len(scene.objects)} objects",
+        }
+    )
+    return tables
+
+
+def _attributes(name: str, moving: bool) -> list[str]:
+    if name in ("car", "truck", "construction_vehicle", "bus", "trailer"):
+        return ["vehicle.moving" if moving else "vehicle.parked"]
+    if name in ("motorcycle", "bicycle"):
+        return ["cycle.with_rider" if moving else "cycle.without_rider"]
+    if name == "pedestrian":
+        return ["pedestrian.moving" if moving else "pedestrian.standing"]
+    return []
+
+
+def _static_tables(cfg: TwinConfig, logs: list[dict]) -> dict[str, list[dict]]:
+    channels = [c.channel for c in CAMERAS] + ["LIDAR_TOP"]
+    maps = []
+    for location in LOCATIONS:
+        log_tokens = [log["token"] for log in logs if log["location"] == location]
+        if log_tokens:
+            maps.append(
+                {
+                    "token": _token(cfg, "map", location),
+                    "log_tokens": log_tokens,
+                    "category": "semantic_prior",
+                    "filename": f"maps/{_token(cfg, 'map', location)}.png",
+                }
+            )
+    return {
+        "attribute": [
+            {"token": _token(cfg, "attribute", a), "name": a, "description": a.replace(".", ": ")} for a in ATTRIBUTES
+        ],
+        "category": [
+            {"token": _token(cfg, "category", c), "name": c, "description": f"synthetic {c}", "index": i}
+            for i, c in enumerate(ALL_CATEGORIES)
+        ],
+        "visibility": [
+            {
+                "token": tok,
+                "level": level,
+                "description": f"visibility of whole object is between {level[1:].replace('-', ' and ')} %",
+            }
+            for tok, level in VISIBILITY_LEVELS
+        ],
+        "sensor": [
+            {"token": _token(cfg, "sensor", c), "channel": c, "modality": "camera" if c.startswith("CAM") else "lidar"}
+            for c in channels
+        ],
+        "map": maps,
+    }
+
+
+def _scene_job(args: tuple[TwinConfig, int, str]) -> dict[str, list[dict]]:
+    return generate_scene(*args)
+
+
+def write_twin(cfg: TwinConfig, out: str | os.PathLike, workers: int | None = None) -> dict[str, int]:
+    """Generate the twin into `out` atomically (built beside it, renamed at the end).
+
+    Returns counts for a summary. Raises TwinConfigError on bad parameters before writing.
+    """
+    cfg.validate()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for folder in [f"samples/{c.channel}" for c in CAMERAS] + [
+            "samples/LIDAR_TOP",
+            "sweeps/LIDAR_TOP",
+            "maps",
+            cfg.version,
+        ]:
+            (tmp / folder).mkdir(parents=True, exist_ok=True)
+        jobs = [(cfg, i, str(tmp)) for i in range(cfg.num_scenes)]
+        workers = max(1, min(workers or os.cpu_count() or 1, cfg.num_scenes))
+        per_scene: list[dict[str, list[dict]]] = []
+        bar = tqdm(total=cfg.num_scenes, desc="synthesize scenes", unit="scene")
+        if workers == 1:
+            for job in jobs:
+                per_scene.append(_scene_job(job))
+                bar.update()
+        else:
+            with get_context("spawn").Pool(workers) as pool:
+                for tables in pool.imap(_scene_job, jobs):
+                    per_scene.append(tables)
+                    bar.update()
+        bar.close()
+        tables = {t: [r for s in per_scene for r in s[t]] for t in TABLES}
+        tables.update(_static_tables(cfg, tables["log"]))
+        for name in TABLES:
+            with open(tmp / cfg.version / f"{name}.json", "w") as f:
+                json.dump(tables[name], f, indent=1)
+        for record in tables["map"]:
+            # A small semantic prior raster (drivable area everywhere), as the map table expects.
+            Image.fromarray(np.full((64, 64), 255, dtype=np.uint8)).save(tmp / record["filename"])
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {
+        "scenes": len(tables["scene"]),
+        "samples": len(tables["sample"]),
+        "annotations": len(tables["sample_annotation"]),
+        "images": sum(1 for r in tables["sample_data"] if r["fileformat"] == "jpg"),
+        "lidar_sweeps": sum(1 for r in tables["sample_data"] if r["fileformat"] == "pcd"),
+    }
