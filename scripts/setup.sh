@@ -54,8 +54,8 @@ else
 fi
 pipq install -q -r "$req/base.txt"
 
-if "$py" -c "import mmcv, mmcv.ops; assert mmcv.__version__.startswith('1.')" 2>/dev/null; then
-  echo "setup: keeping the installed mmcv-full $("$py" -c 'import mmcv; print(mmcv.__version__)')" >&2
+if "$py" -W ignore -c "import mmcv, mmcv.ops; assert mmcv.__version__.startswith('1.')" 2>/dev/null; then
+  echo "setup: keeping the installed mmcv-full $("$py" -W ignore -c 'import mmcv; print(mmcv.__version__)')" >&2
 else
   key=$("$py" -c "import platform, sys, torch; print(f'torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}')")
   wheels=$cache/wheels/mmcv-full-$mmcv_version/$key
@@ -86,12 +86,11 @@ else
     rm -rf "$build"
   fi
   pipq install -q --no-deps --force-reinstall "$wheels"/mmcv_full-*.whl
-  # mmcv-full's own runtime requirements (opencv already pinned in base.txt).
-  pipq install -q addict packaging pyyaml yapf
 fi
-pipq install -q mmdet==2.28.2 pycocotools terminaltables
+pipq install -q -r "$req/openmmlab.txt"
 
-"$py" -c "import torch, mmcv.ops, mmdet.models, nuscenes, dvc" || {
+"$py" -W ignore -c "import torch, mmcv.ops, mmdet.models, nuscenes, dvc" >"$log" 2>&1 || {
+  cat "$log" >&2
   echo "setup: the environment in $prefix does not import (torch, mmcv.ops, mmdet.models, nuscenes, dvc)" >&2
   exit 1
 }

@@ -24,18 +24,15 @@ from nuscenes.utils.geometry_utils import points_in_box, view_points  # noqa: E4
 
 from pipeline.twin.world import CLASS_SPECS, CLASSES  # noqa: E402
 from pipeline.twin.writer import TwinConfig, TwinConfigError, write_twin  # noqa: E402
+from tests.conftest import ROOT, SMALL  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = TwinConfig(num_scenes=3, samples_per_scene=3, objects_per_scene=30, image_width=640, image_height=360)
 # nuScenes category -> detection class, for the checks below.
 CATEGORY_CLASS = {cat: name for name, spec in CLASS_SPECS.items() for cat in spec.categories}
 
 
 @pytest.fixture(scope="module")
-def twin(tmp_path_factory) -> tuple[Path, NuScenes]:
-    root = tmp_path_factory.mktemp("twin") / "nuscenes"
-    write_twin(SMALL, root, workers=2)
-    return root, NuScenes(version="v1.0-mini", dataroot=str(root), verbose=False)
+def twin(small_twin) -> tuple[Path, NuScenes]:
+    return small_twin, NuScenes(version="v1.0-mini", dataroot=str(small_twin), verbose=False)
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -1,0 +1,43 @@
+"""K-means anchors for the instance bank, as the reference anchor generator makes them.
+
+Layout of each anchor (Sparse4D's box encoding):
+    [x, y, z, log w, log l, log h, sin yaw, cos yaw, vx, vy, vz]
+Centres are the k-means cluster centres of the train boxes' centres within `detection_range`;
+every anchor gets the log of the mean box size (columns 3..5 of `gt_boxes`, in the info
+layout), yaw 0 (cos yaw = 1) and zero velocity.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.cluster import KMeans
+
+# Indices of the encoded box layout (one place for the whole code base).
+X, Y, Z, W, L, H, SIN_YAW, COS_YAW, VX, VY, VZ = range(11)
+
+
+class AnchorError(ValueError):
+    """Not enough boxes for the requested anchors, or bad parameters; the message names them."""
+
+
+def kmeans_anchors(
+    gt_boxes: np.ndarray, num_anchor: int, detection_range: float, seed: int
+) -> tuple[np.ndarray, dict[str, float]]:
+    """(num_anchor, 11) float32 anchors from (n, >=6) LiDAR-frame boxes, and k-means metrics."""
+    if num_anchor < 1:
+        raise AnchorError(f"anchors.num_anchor: expected a positive number, got {num_anchor}")
+    if detection_range <= 0:
+        raise AnchorError(f"anchors.detection_range: expected metres > 0, got {detection_range}")
+    gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, gt_boxes.shape[-1] if gt_boxes.size else 7)
+    in_range = gt_boxes[np.linalg.norm(gt_boxes[:, :3], axis=1) <= detection_range]
+    if len(in_range) < num_anchor:
+        raise AnchorError(
+            f"anchors.num_anchor: {num_anchor} anchors need at least as many train boxes within "
+            f"{detection_range} m, but there are {len(in_range)}"
+        )
+    km = KMeans(n_clusters=num_anchor, n_init=1, random_state=seed).fit(in_range[:, [X, Y, Z]])
+    anchors = np.zeros((num_anchor, 11), dtype=np.float64)
+    anchors[:, [X, Y, Z]] = km.cluster_centers_
+    anchors[:, [W, L, H]] = np.log(in_range[:, [W, L, H]].mean(axis=0))
+    anchors[:, COS_YAW] = 1.0
+    return anchors.astype(np.float32), {"inertia": float(km.inertia_), "boxes_used": int(len(in_range))}

@@ -1,0 +1,55 @@
+"""DVC stage `anchors`: k-means anchors from the train info pkl."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.anchors import AnchorError, kmeans_anchors  # noqa: E402
+from pipeline.params import ParamsError, load_params, write_bytes_atomic, write_json_atomic  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--infos", default="data/infos/nuscenes_infos_train.pkl")
+    parser.add_argument("--out", default="data/anchors/nuscenes_kmeans.npy")
+    parser.add_argument("--metrics", default="metrics/anchors.json")
+    args = parser.parse_args(argv)
+    try:
+        p = load_params(args.params, "anchors")
+        if not Path(args.infos).is_file():
+            raise AnchorError(f"{args.infos}: train info pkl not found (run the convert stage)")
+        with open(args.infos, "rb") as f:
+            infos = pickle.load(f)["infos"]
+        boxes = [i["gt_boxes"] for i in infos if "gt_boxes" in i]
+        if not boxes:
+            raise AnchorError(f"{args.infos}: no gt_boxes (a test split has no annotations)")
+        anchors, metrics = kmeans_anchors(
+            np.concatenate(boxes), int(p["num_anchor"]), float(p["detection_range"]), int(p["seed"])
+        )
+    except (AnchorError, ParamsError) as err:
+        print(f"anchors: {err}", file=sys.stderr)
+        return 2
+    except KeyError as err:
+        print(f"anchors: {args.params}: missing parameter anchors.{err.args[0]}", file=sys.stderr)
+        return 2
+    buf = io.BytesIO()
+    np.save(buf, anchors)
+    write_bytes_atomic(args.out, buf.getvalue())
+    write_json_atomic(args.metrics, metrics)
+    print(
+        f"anchors: {anchors.shape} -> {args.out}, inertia {metrics['inertia']:.1f} over {metrics['boxes_used']} boxes"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

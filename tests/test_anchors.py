@@ -1,0 +1,71 @@
+"""K-means anchors: reference layout, determinism, clear errors."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.anchors import COS_YAW, SIN_YAW, VX, VZ, AnchorError, kmeans_anchors
+from tests.conftest import ROOT
+
+
+def boxes(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centre = rng.uniform(-70, 70, (n, 3)) * [1, 1, 0.02]
+    size = rng.uniform(0.5, 5.0, (n, 3))
+    return np.concatenate([centre, size, rng.uniform(-3, 3, (n, 1))], 1)
+
+
+def test_layout_and_sizes():
+    gt = boxes(2000)
+    anchors, metrics = kmeans_anchors(gt, 50, 55.0, seed=0)
+    assert anchors.shape == (50, 11) and anchors.dtype == np.float32
+    used = gt[np.linalg.norm(gt[:, :3], axis=1) <= 55.0]
+    assert metrics["boxes_used"] == len(used) and metrics["inertia"] > 0
+    assert np.allclose(anchors[:, 3:6], np.log(used[:, 3:6].mean(0)), atol=1e-6)
+    assert (anchors[:, SIN_YAW] == 0).all() and (anchors[:, COS_YAW] == 1).all()
+    assert (anchors[:, VX : VZ + 1] == 0).all()
+    assert (np.linalg.norm(anchors[:, :3], axis=1) <= 55.0).all()  # centres of in-range boxes
+
+
+def test_deterministic_for_a_seed():
+    gt = boxes(3000)
+    a, _ = kmeans_anchors(gt, 100, 55.0, seed=3)
+    b, _ = kmeans_anchors(gt, 100, 55.0, seed=3)
+    c, _ = kmeans_anchors(gt, 100, 55.0, seed=4)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_fewer_boxes_than_anchors():
+    with pytest.raises(AnchorError, match="anchors.num_anchor"):
+        kmeans_anchors(boxes(100), 900, 55.0, seed=0)
+
+
+def test_stage_error_is_clean(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["anchors"]["num_anchor"] = 10_000
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with open(tmp_path / "train.pkl", "wb") as f:
+        pickle.dump({"infos": [{"gt_boxes": boxes(500)}], "metadata": {}}, f)
+    cmd = [
+        sys.executable,
+        str(ROOT / "stages" / "anchors.py"),
+        "--params",
+        "params.yaml",
+        "--infos",
+        "train.pkl",
+        "--out",
+        "a.npy",
+        "--metrics",
+        "m.json",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0 and "anchors.num_anchor" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "a.npy").exists()
+    missing = subprocess.run(cmd[:4] + ["--infos", "nope.pkl"] + cmd[6:], capture_output=True, text=True, cwd=tmp_path)
+    assert missing.returncode != 0 and "nope.pkl" in missing.stderr
