@@ -314,8 +314,13 @@ def make_scene(index: int, name: str, num_samples: int, num_objects: int, classe
                 if name_i in ("traffic_cone", "pedestrian"):
                     yaw_offset = float(rng.uniform(-math.pi, math.pi))
                 d += float(rng.uniform(-0.4, 0.4))
-            # Somewhere the ego will pass within sight of during the scene.
-            s0 = float(rng.uniform(-40.0, ego_speed * duration + 45.0))
+            # Somewhere the ego will pass within sight of during the scene; the first object of
+            # each class close enough to be inside every class's evaluation range (30 m at least)
+            # in some key frames, so that every scene holds every class for the evaluation.
+            if i < len(classes):
+                s0 = float(rng.uniform(-12.0, ego_speed * duration + 12.0))
+            else:
+                s0 = float(rng.uniform(-40.0, ego_speed * duration + 45.0))
             obj = SceneObject(name_i, cat, size, s0, d, speed, yaw_offset)
             trial = Scene(index, name, path, ego_speed, (obj,))
             others = Scene(index, name, path, ego_speed, tuple(placed) + (ego,))

@@ -351,7 +351,9 @@ def generate_scene(cfg: TwinConfig, index: int, root: str) -> dict[str, list[dic
 
 
 def _attributes(name: str, moving: bool) -> list[str]:
-    if name in ("car", "truck", "construction_vehicle", "bus", "trailer"):
+    if name == "bus":
+        return ["vehicle.moving" if moving else "vehicle.stopped"]  # buses wait at stops
+    if name in ("car", "truck", "construction_vehicle", "trailer"):
         return ["vehicle.moving" if moving else "vehicle.parked"]
     if name in ("motorcycle", "bicycle"):
         return ["cycle.with_rider" if moving else "cycle.without_rider"]
