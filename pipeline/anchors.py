@@ -12,8 +12,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.cluster import KMeans
 
-# Indices of the encoded box layout (one place for the whole code base).
-X, Y, Z, W, L, H, SIN_YAW, COS_YAW, VX, VY, VZ = range(11)
+from model.box3d import COS_YAW, H, L, W, X, Y, Z
 
 
 class AnchorError(ValueError):

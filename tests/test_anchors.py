@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.anchors import COS_YAW, SIN_YAW, VX, VZ, AnchorError, kmeans_anchors
+from model.box3d import COS_YAW, SIN_YAW, VX, VZ
+from pipeline.anchors import AnchorError, kmeans_anchors
 from tests.conftest import ROOT
 
 

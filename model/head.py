@@ -1,0 +1,340 @@
+"""The Sparse4Dv3 head: instance bank, decoders (temporal and spatial graph attention, deformable
+aggregation, FFN, refinement), denoising, losses and box decoding.
+
+Operation order (the reference's): the first decoder is single-frame —
+    deformable, ffn, norm, refine
+and each of the following ones is
+    temp_gnn, gnn, norm, deformable, ffn, norm, refine
+`self.layers` holds one module per operation in that order (so parameter names are
+`layers.<index>...`, as in the released checkpoints).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+from mmcv.cnn.bricks.transformer import MultiheadAttention
+
+from model.blocks import AsymmetricFFN, DeformableFeatureAggregation
+from model.decoder import SparseBox3DDecoder
+from model.detection3d import AnchorEncoder, RefinementModule
+from model.instance_bank import InstanceBank
+from model.losses import SigmoidFocalLoss, SparseBox3DLoss
+from model.target import SparseBox3DTarget
+
+
+def reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over distributed processes (identity when not distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return x
+    x = x.clone()
+    torch.distributed.all_reduce(x.div_(torch.distributed.get_world_size()))
+    return x
+
+
+def operation_order(num_decoder: int, num_single_frame_decoder: int, temporal: bool) -> list[str]:
+    single = ["gnn", "norm", "deformable", "ffn", "norm", "refine"]
+    multi = (["temp_gnn"] if temporal else []) + single
+    return (single * num_single_frame_decoder + multi * (num_decoder - num_single_frame_decoder))[2:]
+
+
+class Sparse4DHead(nn.Module):
+    def __init__(
+        self,
+        anchor: np.ndarray,
+        num_classes: int = 10,
+        embed_dims: int = 256,
+        num_groups: int = 8,
+        num_levels: int = 4,
+        num_cams: int = 6,
+        num_decoder: int = 6,
+        num_single_frame_decoder: int = 1,
+        num_anchor: int = 900,
+        num_temp_instances: int = 600,
+        confidence_decay: float = 0.6,
+        dropout: float = 0.1,
+        attn_drop: float = 0.15,
+        num_learnable_pts: int = 6,
+        fix_scale=None,
+        sampler: SparseBox3DTarget | None = None,
+        reg_weights: list[float] | None = None,
+        cls_threshold_to_reg: float = 0.05,
+        cls_allow_reverse: list[int] | None = None,
+        num_output: int = 300,
+        tracking_threshold: float = 0.2,
+    ):
+        super().__init__()
+        self.num_decoder = num_decoder
+        self.num_single_frame_decoder = num_single_frame_decoder
+        self.cls_threshold_to_reg = cls_threshold_to_reg
+        self.reg_weights = reg_weights if reg_weights is not None else [2.0] * 3 + [1.0] * 7
+        self.embed_dims = embed_dims
+        temporal = num_temp_instances > 0
+        self.operation_order = operation_order(num_decoder, num_single_frame_decoder, temporal)
+        self.instance_bank = InstanceBank(
+            num_anchor, embed_dims, anchor, num_temp_instances, confidence_decay=confidence_decay
+        )
+        self.anchor_encoder = AnchorEncoder([embed_dims // 2, embed_dims // 8, embed_dims // 8, embed_dims // 4])
+        self.sampler = sampler if sampler is not None else SparseBox3DTarget()
+        self.decoder = SparseBox3DDecoder(num_output=num_output)
+        self.tracking_threshold = tracking_threshold
+        self.loss_cls = SigmoidFocalLoss(gamma=2.0, alpha=0.25, loss_weight=2.0)
+        self.loss_reg = SparseBox3DLoss(box_weight=0.25, cls_allow_reverse=cls_allow_reverse)
+
+        def build(op: str) -> nn.Module:
+            if op in ("temp_gnn", "gnn"):
+                return MultiheadAttention(
+                    embed_dims * 2,
+                    num_groups,
+                    attn_drop=dropout,
+                    dropout_layer=dict(type="Dropout", drop_prob=dropout),
+                    batch_first=True,
+                )
+            if op == "norm":
+                return nn.LayerNorm(embed_dims)
+            if op == "ffn":
+                return AsymmetricFFN(embed_dims * 2, embed_dims, embed_dims * 4, ffn_drop=dropout)
+            if op == "deformable":
+                return DeformableFeatureAggregation(
+                    embed_dims,
+                    num_groups,
+                    num_levels,
+                    num_cams,
+                    attn_drop,
+                    num_learnable_pts,
+                    fix_scale,
+                    residual_mode="cat",
+                )
+            return RefinementModule(embed_dims, num_cls=num_classes)
+
+        self.layers = nn.ModuleList(build(op) for op in self.operation_order)
+        # Decoupled attention: queries and keys are [feature, anchor embedding] (2C wide).
+        self.fc_before = nn.Linear(embed_dims, embed_dims * 2, bias=False)
+        self.fc_after = nn.Linear(embed_dims * 2, embed_dims, bias=False)
+
+    def init_weights(self) -> None:
+        for op, layer in zip(self.operation_order, self.layers):
+            if op != "refine":
+                for p in layer.parameters():
+                    if p.dim() > 1:
+                        nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if hasattr(m, "init_weight"):
+                m.init_weight()
+
+    def graph_model(self, index: int, query, key=None, value=None, query_pos=None, key_pos=None, attn_mask=None):
+        query = torch.cat([query, query_pos], dim=-1)
+        if key is not None:
+            key = torch.cat([key, key_pos], dim=-1)
+        if value is not None:
+            value = self.fc_before(value)
+        return self.fc_after(self.layers[index](query, key, value, attn_mask=attn_mask))
+
+    def forward(self, feature_maps: list[torch.Tensor], metas: dict) -> dict:
+        """feature_maps: levels of (bs, cams, C, H, W); metas: projection_mat (bs, cams, 4, 4),
+        image_wh (bs, cams, 2), timestamp (bs,), img_metas (per sample T_global, T_global_inv,
+        and instance_id in training), gt_labels_3d / gt_bboxes_3d lists in training."""
+        bs = feature_maps[0].shape[0]
+        sampler = self.sampler
+        if sampler.dn_metas is not None and sampler.dn_metas["dn_anchor"].shape[0] != bs:
+            sampler.dn_metas = None
+        instance_feature, anchor, temp_feature, temp_anchor, time_interval = self.instance_bank.get(
+            bs, metas, dn_metas=sampler.dn_metas
+        )
+
+        attn_mask = None
+        dn_metas = None
+        temp_dn_reg_target = None
+        if self.training:
+            gt_ids = None
+            if "instance_id" in metas["img_metas"][0]:
+                gt_ids = [
+                    torch.as_tensor(np.asarray(m["instance_id"]), device=anchor.device) for m in metas["img_metas"]
+                ]
+            dn_metas = sampler.get_dn_anchors(metas["gt_labels_3d"], metas["gt_bboxes_3d"], gt_ids)
+        if dn_metas is not None:
+            dn_anchor, dn_reg_target, dn_cls_target, dn_attn_mask, valid_mask, dn_id_target = dn_metas
+            num_dn = dn_anchor.shape[1]
+            if dn_anchor.shape[-1] != anchor.shape[-1]:
+                dn_anchor = torch.cat(
+                    [dn_anchor, dn_anchor.new_zeros(bs, num_dn, anchor.shape[-1] - dn_anchor.shape[-1])], dim=-1
+                )
+            anchor = torch.cat([anchor, dn_anchor], dim=1)
+            instance_feature = torch.cat(
+                [instance_feature, instance_feature.new_zeros(bs, num_dn, instance_feature.shape[-1])], dim=1
+            )
+            num_instance = instance_feature.shape[1]
+            num_free = num_instance - num_dn
+            attn_mask = torch.ones(num_instance, num_instance, dtype=torch.bool, device=anchor.device)
+            attn_mask[:num_free, :num_free] = False
+            attn_mask[num_free:, num_free:] = dn_attn_mask
+
+        anchor_embed = self.anchor_encoder(anchor)
+        temp_anchor_embed = self.anchor_encoder(temp_anchor) if temp_anchor is not None else None
+
+        prediction, classification, quality = [], [], []
+        for i, op in enumerate(self.operation_order):
+            if op == "temp_gnn":
+                instance_feature = self.graph_model(
+                    i,
+                    instance_feature,
+                    temp_feature,
+                    temp_feature,
+                    query_pos=anchor_embed,
+                    key_pos=temp_anchor_embed,
+                    attn_mask=attn_mask if temp_feature is None else None,
+                )
+            elif op == "gnn":
+                instance_feature = self.graph_model(
+                    i, instance_feature, value=instance_feature, query_pos=anchor_embed, attn_mask=attn_mask
+                )
+            elif op in ("norm", "ffn"):
+                instance_feature = self.layers[i](instance_feature)
+            elif op == "deformable":
+                instance_feature = self.layers[i](
+                    instance_feature, anchor, anchor_embed, feature_maps, metas["projection_mat"], metas["image_wh"]
+                )
+            else:  # refine
+                last = i == len(self.operation_order) - 1
+                anchor, cls, qt = self.layers[i](
+                    instance_feature,
+                    anchor,
+                    anchor_embed,
+                    time_interval=time_interval,
+                    return_cls=self.training or len(prediction) == self.num_single_frame_decoder - 1 or last,
+                )
+                prediction.append(anchor)
+                classification.append(cls)
+                quality.append(qt)
+                if len(prediction) == self.num_single_frame_decoder:
+                    instance_feature, anchor = self.instance_bank.update(instance_feature, anchor, cls)
+                    if dn_metas is not None and sampler.num_temp_dn_groups > 0 and dn_id_target is not None:
+                        (
+                            instance_feature,
+                            anchor,
+                            temp_dn_reg_target,
+                            temp_dn_cls_target,
+                            temp_valid_mask,
+                            dn_id_target,
+                        ) = sampler.update_dn(
+                            instance_feature,
+                            anchor,
+                            dn_reg_target,
+                            dn_cls_target,
+                            valid_mask,
+                            dn_id_target,
+                            self.instance_bank.num_anchor,
+                            self.instance_bank.mask,
+                        )
+                if not last:
+                    anchor_embed = self.anchor_encoder(anchor)
+                if len(prediction) > self.num_single_frame_decoder and temp_anchor_embed is not None:
+                    temp_anchor_embed = anchor_embed[:, : self.instance_bank.num_temp_instances]
+
+        output: dict = {}
+        if dn_metas is not None:
+            output.update(
+                dn_prediction=[x[:, num_free:] for x in prediction],
+                dn_classification=[x[:, num_free:] for x in classification],
+                dn_reg_target=dn_reg_target,
+                dn_cls_target=dn_cls_target,
+                dn_valid_mask=valid_mask,
+            )
+            classification = [x[:, :num_free] for x in classification]
+            prediction = [x[:, :num_free] for x in prediction]
+            quality = [x[:, :num_free] if x is not None else None for x in quality]
+            if temp_dn_reg_target is not None:
+                output.update(
+                    temp_dn_reg_target=temp_dn_reg_target,
+                    temp_dn_cls_target=temp_dn_cls_target,
+                    temp_dn_valid_mask=temp_valid_mask,
+                    dn_id_target=dn_id_target,
+                )
+                dn_cls_target, valid_mask = temp_dn_cls_target, temp_valid_mask
+            sampler.cache_dn(
+                instance_feature[:, num_free:], anchor[:, num_free:], dn_cls_target, valid_mask, dn_id_target
+            )
+            instance_feature, anchor, cls = instance_feature[:, :num_free], anchor[:, :num_free], cls[:, :num_free]
+        output.update(classification=classification, prediction=prediction, quality=quality)
+        self.instance_bank.cache(instance_feature, anchor, cls, metas)
+        if not self.training:
+            output["instance_id"] = self.instance_bank.get_instance_id(cls, self.tracking_threshold)
+        return output
+
+    def loss(self, model_outs: dict, data: dict) -> dict[str, torch.Tensor]:
+        """Per decoder: focal class loss and box losses of the matched instances, then the same
+        for the denoising queries (their targets are known)."""
+        output = {}
+        num_reg = len(self.reg_weights)
+        reg_weights_t = None
+        for idx, (cls, reg, qt) in enumerate(
+            zip(model_outs["classification"], model_outs["prediction"], model_outs["quality"])
+        ):
+            cls, reg = cls.float(), reg[..., :num_reg].float()
+            cls_target, reg_target, reg_weights = self.sampler.sample(
+                cls, reg, data["gt_labels_3d"], data["gt_bboxes_3d"]
+            )
+            reg_target = reg_target[..., :num_reg]
+            mask = ~torch.all(reg_target == 0, dim=-1)
+            num_pos = max(float(reduce_mean(mask.sum().to(reg.dtype))), 1.0)
+            if self.cls_threshold_to_reg > 0:
+                mask = mask & (cls.max(dim=-1).values.sigmoid() > self.cls_threshold_to_reg)
+            cls_loss = self.loss_cls(cls.flatten(end_dim=1), cls_target.flatten(end_dim=1), avg_factor=num_pos)
+            mask = mask.reshape(-1)
+            reg_weights_t = reg.new_tensor(self.reg_weights)
+            reg_weights = (reg_weights * reg_weights_t).flatten(end_dim=1)[mask]
+            reg_target = reg_target.flatten(end_dim=1)[mask]
+            reg = reg.flatten(end_dim=1)[mask]
+            reg_target = torch.where(reg_target.isnan(), reg.new_tensor(0.0), reg_target)
+            cls_target = cls_target.flatten(end_dim=1)[mask]
+            if qt is not None:
+                qt = qt.flatten(end_dim=1)[mask]
+            output[f"loss_cls_{idx}"] = cls_loss
+            output.update(
+                self.loss_reg(
+                    reg,
+                    reg_target,
+                    weight=reg_weights,
+                    avg_factor=num_pos,
+                    suffix=f"_{idx}",
+                    quality=qt,
+                    cls_target=cls_target,
+                )
+            )
+        if "dn_prediction" not in model_outs:
+            return output
+        dn = self._prepare_dn(model_outs)
+        for idx, (cls, reg) in enumerate(zip(model_outs["dn_classification"], model_outs["dn_prediction"])):
+            if "temp_dn_valid_mask" in model_outs and idx == self.num_single_frame_decoder:
+                dn = self._prepare_dn(model_outs, prefix="temp_")
+            valid, cls_target, reg_target, pos, reg_weights, num_dn_pos = dn
+            output[f"loss_cls_dn_{idx}"] = self.loss_cls(
+                cls.float().flatten(end_dim=1)[valid], cls_target, avg_factor=num_dn_pos
+            )
+            pred = reg.float().flatten(end_dim=1)[valid][pos][..., :num_reg]
+            output.update(
+                self.loss_reg(pred, reg_target, weight=reg_weights, avg_factor=num_dn_pos, suffix=f"_dn_{idx}")
+            )
+        return output
+
+    def _prepare_dn(self, model_outs: dict, prefix: str = ""):
+        valid = model_outs[f"{prefix}dn_valid_mask"].flatten(end_dim=1)
+        cls_target = model_outs[f"{prefix}dn_cls_target"].flatten(end_dim=1)[valid]
+        reg_target = (
+            model_outs[f"{prefix}dn_reg_target"].flatten(end_dim=1)[valid][..., : len(self.reg_weights)].float()
+        )
+        pos = cls_target >= 0
+        reg_target = reg_target[pos]
+        reg_weights = reg_target.new_tensor(self.reg_weights)[None].tile(reg_target.shape[0], 1)
+        num_dn_pos = max(float(reduce_mean(valid.sum().to(reg_weights.dtype))), 1.0)
+        return valid, cls_target, reg_target, pos, reg_weights, num_dn_pos
+
+    def post_process(self, model_outs: dict, output_idx: int = -1) -> list[dict]:
+        return self.decoder.decode(
+            model_outs["classification"],
+            model_outs["prediction"],
+            model_outs.get("instance_id"),
+            model_outs.get("quality"),
+            output_idx,
+        )

@@ -1,0 +1,17 @@
+"""Custom ops of the Sparse4Dv3 model."""
+
+from .deformable_aggregation import (
+    BACKENDS,
+    deformable_aggregation,
+    deformable_aggregation_reference,
+    flatten_feature_maps,
+    select_backend,
+)
+
+__all__ = [
+    "BACKENDS",
+    "deformable_aggregation",
+    "deformable_aggregation_reference",
+    "flatten_feature_maps",
+    "select_backend",
+]
