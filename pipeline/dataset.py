@@ -1,0 +1,432 @@
+"""Sparse4D's nuScenes dataset over the info pkls, with the reference train and test pipelines.
+
+Train pipeline (the reference's order): load 6 images and the key-frame LiDAR points;
+resize-crop-flip-rotate each image (one affine warp, see below) and update ``lidar2img`` with the
+same matrix; depth maps from the points at strides 4/8/16; 3D rotation of boxes and frames;
+photometric distortion; normalisation; 55 m circular range filter and class filter; then the
+Sparse4D adaptor (projection matrices, image sizes, ``T_global``, focal lengths, instance ids).
+
+Images are the CPU hot spot (6 JPEG decodes per sample). By default an image is decoded at a
+reduced DCT scale when the resize factor allows it (PIL draft mode: 1/2, 1/4, 1/8), shrunk by an
+integer box filter where still more than 2x too large, and warped once by the composed affine
+matrix of resize, crop, flip and rotation. ``fast_images=False`` runs the reference's chain
+(full decode, resize, crop, flip, rotate) — the baseline of ``benchmarks/image_pipeline_speed.py``.
+
+A sample is a dict; :func:`collate` stacks a list of them into the batch the model takes.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from pyquaternion import Quaternion
+
+from model.box3d import YAW
+
+IMG_MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # RGB
+IMG_STD = np.array([58.395, 57.12, 57.375], np.float32)
+DEPTH_STRIDES = (4, 8, 16)
+MAX_DEPTH = 60.0
+
+DEFAULT_AUG = {
+    "H": 900,
+    "W": 1600,
+    "final_dim": [256, 704],
+    "resize_lim": [0.40, 0.47],
+    "bot_pct_lim": [0.0, 0.0],
+    "rot_lim": [-5.4, 5.4],
+    "rand_flip": True,
+    "rot3d_range": [-0.3925, 0.3925],
+}
+
+
+class DatasetError(RuntimeError):
+    """Unreadable or inconsistent data; the message names the file."""
+
+
+# --------------------------------------------------------------------------------------- geometry
+
+
+def _pose(rotation: Sequence[float], translation: Sequence[float]) -> np.ndarray:
+    mat = np.eye(4)
+    mat[:3, :3] = Quaternion(list(rotation)).rotation_matrix
+    mat[:3, 3] = translation
+    return mat
+
+
+def lidar2img_matrices(info: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per camera (in info order): 4x4 LiDAR -> image matrix and the 3x3 intrinsic."""
+    mats, intrinsics = [], []
+    for cam in info["cams"].values():
+        lidar2cam = np.eye(4)
+        rot = np.asarray(cam["sensor2lidar_rotation"], np.float64)
+        lidar2cam[:3, :3] = rot.T
+        lidar2cam[:3, 3] = -rot.T @ np.asarray(cam["sensor2lidar_translation"], np.float64)
+        viewpad = np.eye(4)
+        intrinsic = np.asarray(cam["cam_intrinsic"], np.float64)
+        viewpad[:3, :3] = intrinsic
+        mats.append(viewpad @ lidar2cam)
+        intrinsics.append(intrinsic.copy())
+    return mats, intrinsics
+
+
+def image_transform(aug: dict) -> np.ndarray:
+    """3x3 matrix from original pixels to output pixels: resize, crop, flip, rotate (as the reference)."""
+    resize, crop, flip = aug["resize"], aug["crop"], aug["flip"]
+    mat = np.eye(3)
+    mat[:2, :2] *= resize
+    mat[:2, 2] -= np.array(crop[:2])
+    if flip:
+        mat = np.array([[-1.0, 0, crop[2] - crop[0]], [0, 1, 0], [0, 0, 1]]) @ mat
+    angle = aug["rotate"] / 180 * np.pi
+    rot = np.array([[np.cos(angle), np.sin(angle), 0], [-np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    centre = np.array([crop[2] - crop[0], crop[3] - crop[1]]) / 2
+    rot[:2, 2] = -rot[:2, :2] @ centre + centre
+    return rot @ mat
+
+
+def limit_period(val: np.ndarray, offset: float = 0.5, period: float = 2 * np.pi) -> np.ndarray:
+    return val - np.floor(val / period + offset) * period
+
+
+def rotate_boxes(boxes: np.ndarray, angle: float) -> np.ndarray:
+    """Rotate (n, 9) boxes [x, y, z, l-ish, w-ish, h, yaw, vx, vy] by `angle` about the LiDAR z axis."""
+    cos, sin = np.cos(angle), np.sin(angle)
+    rot_t = np.array([[cos, sin, 0], [-sin, cos, 0], [0, 0, 1]])
+    boxes = boxes.copy()
+    boxes[:, :3] = boxes[:, :3] @ rot_t
+    boxes[:, YAW] += angle
+    if boxes.shape[1] > 7:
+        vel = boxes.shape[1] - 7
+        boxes[:, 7:] = boxes[:, 7:] @ rot_t[:vel, :vel]
+    return boxes
+
+
+def depth_maps(
+    points: np.ndarray, lidar2img: Sequence[np.ndarray], img_hw: tuple[int, int], strides=DEPTH_STRIDES
+) -> list[np.ndarray]:
+    """Sparse depth targets per stride: (cams, H / s, W / s), -1 where no point; the nearest point wins."""
+    height, width = img_hw
+    out = [[] for _ in strides]
+    xyz = points[:, :3].astype(np.float64)
+    for mat in lidar2img:
+        proj = xyz @ mat[:3, :3].T + mat[:3, 3]
+        depth = proj[:, 2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            u = np.round(proj[:, 0] / depth)
+            v = np.round(proj[:, 1] / depth)
+        keep = (depth >= 0.1) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
+        u, v, depth = u[keep].astype(np.int64), v[keep].astype(np.int64), depth[keep]
+        order = np.argsort(depth)[::-1]  # far first, so that the nearest is written last
+        u, v, depth = u[order], v[order], np.clip(depth[order], 0.1, MAX_DEPTH).astype(np.float32)
+        for level, stride in enumerate(strides):
+            dmap = np.full((int(height / stride), int(width / stride)), -1.0, np.float32)
+            dmap[v // stride, u // stride] = depth
+            out[level].append(dmap)
+    return [np.stack(level) for level in out]
+
+
+# --------------------------------------------------------------------------------------- images
+
+
+def _open(path: str) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.draft("RGB", img.size)  # no-op size; makes the decoder produce RGB
+        return img
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"{path}: cannot read the image ({err})") from err
+
+
+def load_image_fast(path: str, transform: np.ndarray, out_wh: tuple[int, int], resize: float) -> np.ndarray:
+    """Decode at reduced scale where possible, then one bilinear affine warp -> (H, W, 3) uint8 RGB."""
+    img = _open(path)
+    width, height = img.size
+    try:
+        img.draft("RGB", (max(1, math.ceil(width * resize)), max(1, math.ceil(height * resize))))
+        img = img.convert("RGB")
+        factor = int(min(img.size[0] / (width * resize), img.size[1] / (height * resize)) // 2 * 2)
+        if factor >= 2:
+            img = img.reduce(factor)
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"{path}: cannot decode the image ({err})") from err
+    scale = np.diag([img.size[0] / width, img.size[1] / height, 1.0])  # original -> decoded pixels
+    out_to_in = np.linalg.inv(transform @ np.linalg.inv(scale))
+    warped = img.transform(tuple(out_wh), Image.AFFINE, data=tuple(out_to_in[:2].ravel()), resample=Image.BILINEAR)
+    return np.asarray(warped)
+
+
+def load_image_chain(path: str, aug: dict) -> np.ndarray:
+    """The reference's chain: full decode, resize, crop, flip, rotate -> (H, W, 3) uint8 RGB."""
+    img = _open(path)
+    try:
+        img = img.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"{path}: cannot decode the image ({err})") from err
+    width, height = img.size
+    img = img.resize((int(width * aug["resize"]), int(height * aug["resize"]))).crop(tuple(aug["crop"]))
+    if aug["flip"]:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    img = img.rotate(aug["rotate"])
+    return np.asarray(img)
+
+
+def photometric_distortion(img: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
+    """mmdet's PhotoMetricDistortion as the reference applies it per view (float32 RGB in, out)."""
+    img = img.astype(np.float32)
+    if rng.randint(2):
+        img += rng.uniform(-32, 32)
+    contrast_first = rng.randint(2)
+    if contrast_first and rng.randint(2):
+        img *= rng.uniform(0.5, 1.5)
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+    if rng.randint(2):
+        hsv[..., 1] *= rng.uniform(0.5, 1.5)
+    if rng.randint(2):
+        hsv[..., 0] += rng.uniform(-18, 18)
+        hsv[..., 0][hsv[..., 0] > 360] -= 360
+        hsv[..., 0][hsv[..., 0] < 0] += 360
+    img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if not contrast_first and rng.randint(2):
+        img *= rng.uniform(0.5, 1.5)
+    if rng.randint(2):
+        img = img[..., rng.permutation(3)]
+    return img
+
+
+# --------------------------------------------------------------------------------------- dataset
+
+
+class Sparse4DDataset(torch.utils.data.Dataset):
+    """nuScenes info pkl -> model inputs, with the reference's augmentation and sequence flags.
+
+    Args:
+        info_pkl: path of `nuscenes_infos_{split}.pkl` (ours or the reference converter's).
+        classes: detection classes; label = index, other names are dropped in training.
+        data_aug_conf: H, W (source image size), final_dim, resize_lim, bot_pct_lim, rot_lim,
+            rand_flip, rot3d_range (see ``DEFAULT_AUG``).
+        test_mode: deterministic resize + centre crop, no boxes.
+        with_seq_flag / sequences_split_num: `flag` numbers each scene (split into that many
+            sub-sequences), for the group-in-batch sampler.
+        keep_consistent_seq_aug: the sampler draws one augmentation per sequence.
+        fast_images: draft decode + single affine warp (default) or the reference chain.
+        class_range: objects farther than this (metres, in the x-y plane) are dropped in training.
+        with_depth / photometric: depth targets and photometric distortion in training.
+    """
+
+    def __init__(
+        self,
+        info_pkl: str,
+        classes: Sequence[str],
+        data_aug_conf: dict | None = None,
+        test_mode: bool = False,
+        with_seq_flag: bool = True,
+        sequences_split_num: int = 2,
+        keep_consistent_seq_aug: bool = True,
+        fast_images: bool = True,
+        class_range: float = 55.0,
+        with_depth: bool = True,
+        photometric: bool = True,
+    ):
+        path = Path(info_pkl)
+        if not path.is_file():
+            raise DatasetError(f"{info_pkl}: info pkl not found (run the convert stage)")
+        try:
+            with open(path, "rb") as f:
+                data = pickle.load(f)
+            infos = data["infos"]
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError) as err:
+            raise DatasetError(f"{info_pkl}: not a nuScenes info pkl ({err})") from err
+        self.data_infos = sorted(infos, key=lambda info: info["timestamp"])
+        self.metadata = data.get("metadata", {})
+        self.classes = list(classes)
+        self.aug_conf = {**DEFAULT_AUG, **(data_aug_conf or {})}
+        self.test_mode = test_mode
+        self.keep_consistent_seq_aug = keep_consistent_seq_aug
+        self.fast_images = fast_images
+        self.class_range = float(class_range)
+        self.with_depth = with_depth
+        self.photometric = photometric
+        self.flag = self._sequence_flags(int(sequences_split_num)) if with_seq_flag else np.zeros(len(self), np.int64)
+
+    def __len__(self) -> int:
+        return len(self.data_infos)
+
+    def _sequence_flags(self, split_num: int) -> np.ndarray:
+        """One flag per scene (a new scene: another scene_token, or no sweeps as the reference), each
+        scene cut into `split_num` consecutive parts of ceil(len / split_num) frames."""
+        scene_of, current = [], 0
+        for i, info in enumerate(self.data_infos):
+            if i > 0:
+                prev = self.data_infos[i - 1]
+                if "scene_token" in info and "scene_token" in prev:
+                    current += info["scene_token"] != prev["scene_token"]
+                else:
+                    current += len(info.get("sweeps", [])) == 0
+            scene_of.append(current)
+        scene_of = np.asarray(scene_of, np.int64)
+        if split_num <= 1:
+            return scene_of
+        flags, next_flag = [], 0
+        for count in np.bincount(scene_of):
+            step = math.ceil(count / split_num)
+            bounds = list(range(0, count, step)) + [count]
+            for length in np.diff(bounds):
+                flags.extend([next_flag] * int(length))
+                next_flag += 1
+        return np.asarray(flags, np.int64)
+
+    # ----------------------------------------------------------------------------- augmentation
+    def get_augmentation(self) -> dict:
+        """Draws (train) or fixes (test) resize, crop, flip, image rotation and 3D rotation."""
+        conf = self.aug_conf
+        height, width = conf["H"], conf["W"]
+        final_h, final_w = conf["final_dim"]
+        if not self.test_mode:
+            resize = float(np.random.uniform(*conf["resize_lim"]))
+            new_w, new_h = int(width * resize), int(height * resize)
+            crop_h = int((1 - np.random.uniform(*conf["bot_pct_lim"])) * new_h) - final_h
+            crop_w = int(np.random.uniform(0, max(0, new_w - final_w)))
+            flip = bool(conf["rand_flip"] and np.random.choice([0, 1]))
+            rotate = float(np.random.uniform(*conf["rot_lim"]))
+            rotate_3d = float(np.random.uniform(*conf["rot3d_range"]))
+        else:
+            resize = max(final_h / height, final_w / width)
+            new_w, new_h = int(width * resize), int(height * resize)
+            crop_h = int((1 - np.mean(conf["bot_pct_lim"])) * new_h) - final_h
+            crop_w = int(max(0, new_w - final_w) / 2)
+            flip, rotate, rotate_3d = False, 0.0, 0.0
+        crop = (crop_w, crop_h, crop_w + final_w, crop_h + final_h)
+        return {
+            "resize": resize,
+            "resize_dims": (new_w, new_h),
+            "crop": crop,
+            "flip": flip,
+            "rotate": rotate,
+            "rotate_3d": rotate_3d,
+        }
+
+    # ----------------------------------------------------------------------------- loading
+    def annotations(self, info: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(n, 9) boxes with velocity (NaN -> 0), labels (-1: not a detection class), instance ids."""
+        mask = np.asarray(info["valid_flag"], bool) if "valid_flag" in info else np.asarray(info["num_lidar_pts"]) > 0
+        boxes = np.asarray(info["gt_boxes"], np.float64).reshape(-1, 7)[mask]
+        names = np.asarray(info["gt_names"])[mask]
+        velocity = np.asarray(info["gt_velocity"], np.float64).reshape(-1, 2)[mask].copy()
+        velocity[np.isnan(velocity[:, 0])] = 0.0
+        labels = np.array([self.classes.index(n) if n in self.classes else -1 for n in names], np.int64)
+        ids = np.asarray(info["instance_inds"], np.int64)[mask] if "instance_inds" in info else None
+        return np.concatenate([boxes, velocity], axis=1), labels, ids
+
+    def __getitem__(self, index: int | dict) -> dict:
+        if isinstance(index, dict):
+            aug, index = index["aug_config"], int(index["idx"])
+        else:
+            aug = self.get_augmentation()
+        info = self.data_infos[index]
+        lidar2img, intrinsics = lidar2img_matrices(info)
+        lidar2global = _pose(info["ego2global_rotation"], info["ego2global_translation"]) @ _pose(
+            info["lidar2ego_rotation"], info["lidar2ego_translation"]
+        )
+        final_h, final_w = self.aug_conf["final_dim"]
+
+        imgs = []
+        transform = np.eye(4)
+        transform[:3, :3] = image_transform(aug)
+        for cam in info["cams"].values():
+            if self.fast_images:
+                imgs.append(load_image_fast(cam["data_path"], transform[:3, :3], (final_w, final_h), aug["resize"]))
+            else:
+                imgs.append(load_image_chain(cam["data_path"], aug))
+        lidar2img = [transform @ m for m in lidar2img]
+        focal = np.array([k[0, 0] * aug["resize"] for k in intrinsics], np.float32)
+
+        sample: dict[str, Any] = {}
+        if not self.test_mode:
+            if self.with_depth:
+                points = _load_points(info["lidar_path"])
+                sample["gt_depth"] = depth_maps(points, lidar2img, (final_h, final_w))
+            # 3D rotation of the LiDAR frame (boxes, projections, pose)
+            angle = aug.get("rotate_3d", 0.0)
+            cos, sin = np.cos(angle), np.sin(angle)
+            rot = np.eye(4)
+            rot[:2, :2] = [[cos, -sin], [sin, cos]]
+            rot_inv = np.linalg.inv(rot)
+            lidar2img = [m @ rot_inv for m in lidar2img]
+            lidar2global = lidar2global @ rot_inv
+            boxes, labels, ids = self.annotations(info)
+            boxes = rotate_boxes(boxes, angle)
+            keep = (labels >= 0) & (np.linalg.norm(boxes[:, :2], axis=1) <= self.class_range)
+            boxes, labels = boxes[keep], labels[keep]
+            boxes[:, YAW] = limit_period(boxes[:, YAW])
+            sample["gt_bboxes_3d"] = torch.from_numpy(boxes).float()
+            sample["gt_labels_3d"] = torch.from_numpy(labels)
+            if ids is not None:
+                sample["instance_id"] = ids[keep]
+            if self.photometric:
+                rng = np.random.RandomState(np.random.randint(2**31))
+                imgs = [photometric_distortion(img, rng) for img in imgs]
+        imgs = [(np.asarray(img, np.float32) - IMG_MEAN) / IMG_STD for img in imgs]
+        sample.update(
+            img=torch.from_numpy(np.ascontiguousarray(np.stack(imgs).transpose(0, 3, 1, 2))),
+            projection_mat=torch.from_numpy(np.stack(lidar2img).astype(np.float32)),
+            image_wh=torch.tensor([[final_w, final_h]] * len(imgs), dtype=torch.float32),
+            focal=torch.from_numpy(focal),
+            timestamp=info["timestamp"] / 1e6,
+            T_global=lidar2global,
+            T_global_inv=np.linalg.inv(lidar2global),
+            index=index,
+            token=info["token"],
+        )
+        return sample
+
+
+def _load_points(path: str) -> np.ndarray:
+    try:
+        points = np.fromfile(path, dtype=np.float32)
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read the LiDAR points ({err})") from err
+    if points.size % 5:
+        raise DatasetError(
+            f"{path}: expected float32 x 5 per point (x, y, z, intensity, ring), got {points.size} values"
+        )
+    return points.reshape(-1, 5)
+
+
+def collate(samples: list[dict]) -> dict:
+    """A list of samples -> the model's batch: stacked tensors, per-sample lists, img_metas."""
+    batch: dict[str, Any] = {
+        "img": torch.stack([s["img"] for s in samples]),
+        "projection_mat": torch.stack([s["projection_mat"] for s in samples]),
+        "image_wh": torch.stack([s["image_wh"] for s in samples]),
+        "focal": torch.stack([s["focal"] for s in samples]),
+        "timestamp": torch.tensor([s["timestamp"] for s in samples], dtype=torch.float64),
+        "img_metas": [],
+        "index": [s["index"] for s in samples],
+    }
+    for s in samples:
+        meta = {
+            "T_global": s["T_global"],
+            "T_global_inv": s["T_global_inv"],
+            "timestamp": s["timestamp"],
+            "token": s["token"],
+        }
+        if "instance_id" in s:
+            meta["instance_id"] = s["instance_id"]
+        batch["img_metas"].append(meta)
+    if "gt_bboxes_3d" in samples[0]:
+        batch["gt_bboxes_3d"] = [s["gt_bboxes_3d"] for s in samples]
+        batch["gt_labels_3d"] = [s["gt_labels_3d"] for s in samples]
+    if "gt_depth" in samples[0]:
+        levels = len(samples[0]["gt_depth"])
+        batch["gt_depth"] = [
+            torch.from_numpy(np.concatenate([s["gt_depth"][lvl] for s in samples])) for lvl in range(levels)
+        ]
+    return batch
