@@ -105,6 +105,7 @@ class DeformableFeatureAggregation(nn.Module):
         self.embed_dims, self.num_groups, self.num_levels, self.num_cams = embed_dims, num_groups, num_levels, num_cams
         self.attn_drop = attn_drop
         self.residual_mode = residual_mode
+        self.backend = "auto"  # of model.ops.deformable_aggregation; benchmarks set "reference"
         self.kps_generator = KeyPointsGenerator(embed_dims, num_learnable_pts, fix_scale)
         self.num_pts = self.kps_generator.num_pts
         self.output_proj = Linear(embed_dims, embed_dims)
@@ -136,7 +137,7 @@ class DeformableFeatureAggregation(nn.Module):
         points_2d = points_2d.permute(0, 2, 3, 1, 4)  # (bs, n, pts, cams, 2)
         # (bs, n, cams, levels, pts, groups) -> (bs, n, pts, cams, levels, groups)
         weights = weights.permute(0, 1, 4, 2, 3, 5)
-        features = deformable_aggregation(feature_maps, points_2d, weights)  # (bs, n, C)
+        features = deformable_aggregation(feature_maps, points_2d, weights, backend=self.backend)  # (bs, n, C)
         output = self.output_proj(features)
         if self.residual_mode == "cat":
             return torch.cat([output, instance_feature], dim=-1)

@@ -1,0 +1,98 @@
+"""Full-configuration training step on this CPU: our deformable aggregation against the plain
+grid_sample formulation (the reference's CPU fallback), same model, same batch, same process.
+
+The model is the seed's sparse4dv3_temporal_r50_1x8_bs6_256x704 (ResNet-50 with checkpointing,
+256 x 704 input, 900 anchors + denoising queries, 6 decoders), batch 1, fp32; the batch is a
+real training sample of the synthetic twin through the seed's train pipeline. A step is forward,
+losses, backward and the AdamW update. The first iterations of each run are warm-up.
+
+Run after `dvc repro convert anchors`:
+    python benchmarks/train_step_speed.py [--iters 3] [--warmup 1] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import build_model  # noqa: E402
+from model.blocks import DeformableFeatureAggregation  # noqa: E402
+from pipeline.dataset import Sparse4DDataset, collate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def full_config() -> tuple[dict, dict]:
+    text = (ROOT / "params-full.yaml").read_text()
+    params = yaml.safe_load(text)
+    return params["model"], params["data"]["aug"]
+
+
+def time_steps(backend: str, batch: dict, mp: dict, anchor: np.ndarray, iters: int, warmup: int) -> list[float]:
+    torch.manual_seed(0)
+    model = build_model(dict(mp), anchor)
+    for module in model.modules():
+        if isinstance(module, DeformableFeatureAggregation):
+            module.backend = backend
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=1e-3)
+    times = []
+    for _ in range(warmup + iters):
+        start = time.perf_counter()
+        losses = model(batch)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 25.0)
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return times[warmup:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--infos", default="data/infos/nuscenes_infos_train.pkl")
+    parser.add_argument("--anchors", default="", help="(900, 11) anchors; default: k-means of the infos")
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backends", nargs="+", default=["torch", "reference"])
+    args = parser.parse_args()
+    if not Path(args.infos).is_file():
+        sys.exit(f"{args.infos}: not found; run `dvc repro convert` first")
+    torch.set_num_threads(args.threads)
+    mp, aug = full_config()
+    ds = Sparse4DDataset(args.infos, mp["classes"], aug)
+    np.random.seed(0)
+    batch = collate([ds[1]])
+    if args.anchors:
+        anchor = np.load(args.anchors)
+    else:
+        from pipeline.anchors import kmeans_anchors
+
+        boxes = np.concatenate([info["gt_boxes"] for info in ds.data_infos])
+        anchor = kmeans_anchors(boxes, int(mp["num_anchor"]), 55.0, seed=0)[0]
+    results = {}
+    for backend in args.backends:
+        times = time_steps(backend, batch, mp, anchor, args.iters, args.warmup)
+        results[backend] = float(np.mean(times))
+        print(
+            f"{backend:>10}: {results[backend]:6.2f} s per step  ({', '.join(f'{t:.2f}' for t in times)})", flush=True
+        )
+    if {"torch", "reference"} <= set(results):
+        print(
+            f"full config, batch 1, {args.threads} threads: ours {results['torch']:.2f} s, plain grid_sample "
+            f"{results['reference']:.2f} s per step: {results['torch'] / results['reference']:.2f}x the time"
+        )
+
+
+if __name__ == "__main__":
+    main()

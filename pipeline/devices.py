@@ -1,0 +1,136 @@
+"""Device choice (cpu, cuda, Ascend npu), distributed set-up and mixed precision, in one place.
+
+torch_npu is optional: it is imported only when an NPU is asked for or auto-detected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+# The environment the seed's Ascend scripts export (test/train_full_8p.sh and friends).
+NPU_ENV = {
+    "TASK_QUEUE_ENABLE": "2",
+    "CPU_AFFINITY_CONF": "1",
+    "HCCL_WHITELIST_DISABLE": "1",
+    "HCCL_OP_BASE_FFTS_MODE_ENABLE": "TRUE",
+    "MULTI_STREAM_MEMORY_REUSE": "1",
+    "COMBINED_ENABLE": "1",
+    "PTCOPY_ENABLE": "1",
+    "ACLNN_CACHE_LIMIT": "100000",
+    "OMP_NUM_THREADS": "16",
+    "ASCEND_GLOBAL_LOG_LEVEL": "3",
+}
+TCMALLOC_PATHS = (
+    "/usr/lib64/libtcmalloc.so",
+    "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
+    "/usr/lib/aarch64-linux-gnu/libtcmalloc.so.4",
+    "/usr/local/lib/libtcmalloc.so",
+)
+
+
+class DeviceError(RuntimeError):
+    """The requested device is not available; the message says what is missing."""
+
+
+def npu_available() -> bool:
+    try:
+        import torch_npu  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(torch, "npu") and torch.npu.is_available()
+
+
+def resolve_device(requested: str) -> str:
+    """auto | npu | cuda | cpu -> the device type to use, or a DeviceError."""
+    if requested not in ("auto", "npu", "cuda", "cpu"):
+        raise DeviceError(f"train.device: expected auto, npu, cuda or cpu, got {requested!r}")
+    if requested == "npu":
+        try:
+            import torch_npu  # noqa: F401
+        except ImportError as err:
+            raise DeviceError(
+                "train.device is npu but torch_npu is not installed (install CANN and torch_npu, see README)"
+            ) from err
+        if not torch.npu.is_available():
+            raise DeviceError("train.device is npu but no NPU is visible")
+        return "npu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("train.device is cuda but no CUDA device is available")
+        return "cuda"
+    if requested == "auto":
+        if npu_available():
+            return "npu"
+        if torch.cuda.is_available():
+            return "cuda"
+    return "cpu"
+
+
+def backend_for(device: str) -> str:
+    return {"npu": "hccl", "cuda": "nccl"}.get(device, "gloo")
+
+
+def launch_env(device: str) -> dict[str, str]:
+    """Extra environment for the training processes (the seed's NPU settings, tcmalloc)."""
+    env: dict[str, str] = {}
+    if device == "npu":
+        env.update({k: v for k, v in NPU_ENV.items() if k not in os.environ})
+        tcmalloc = next((p for p in TCMALLOC_PATHS if os.path.exists(p)), None)
+        if tcmalloc and tcmalloc not in os.environ.get("LD_PRELOAD", ""):
+            env["LD_PRELOAD"] = ":".join(filter(None, [tcmalloc, os.environ.get("LD_PRELOAD", "")]))
+    return env
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> Dist:
+    """Join the process group torchrun set up (or run alone) and pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    elif device_type == "npu":
+        torch.npu.set_device(local_rank)
+        device = torch.device("npu", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend=backend_for(device_type), rank=rank, world_size=world_size)
+    return Dist(rank, local_rank, world_size, device)
+
+
+def autocast(device: torch.device, precision: str):
+    """fp16 autocast on cuda/npu, bf16 on cpu when asked, else nothing."""
+    if precision == "fp16" and device.type in ("cuda", "npu"):
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def grad_scaler(device: torch.device, precision: str, init_scale: float = 32.0):
+    """Loss scaling for fp16 (the reference's loss scale 32); disabled otherwise."""
+    enabled = precision == "fp16" and device.type in ("cuda", "npu")
+    if device.type == "npu" and enabled:
+        from torch_npu.npu.amp import GradScaler as NpuGradScaler
+
+        return NpuGradScaler(init_scale=init_scale)
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type if enabled else "cpu", init_scale=init_scale, enabled=enabled)
+    return torch.cuda.amp.GradScaler(init_scale=init_scale, enabled=enabled)

@@ -1,0 +1,63 @@
+"""DVC stage `evaluate`: inference over the val infos, official nuScenes detection metrics, charts
+and pictures; distributed with torchrun when evaluate.devices > 1."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.devices import DeviceError, launch_env, resolve_device  # noqa: E402
+from pipeline.params import ParamsError, load_params  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--infos", default="data/infos/nuscenes_infos_val.pkl")
+    parser.add_argument("--checkpoint", default="runs/train/model.pth")
+    parser.add_argument("--out", default="runs/evaluate")
+    parser.add_argument("--metrics", default="metrics/evaluate.json")
+    parser.add_argument("--plots", default="plots/evaluate")
+    args = parser.parse_args(argv)
+    try:
+        ep = load_params(args.params, "evaluate")
+        device = resolve_device(str(ep["device"]))
+        devices = int(ep["devices"])
+        if devices < 1:
+            raise ParamsError(f"{args.params}: evaluate.devices must be >= 1, got {devices}")
+    except (ParamsError, DeviceError) as err:
+        print(f"evaluate: {err}", file=sys.stderr)
+        return 2
+    except KeyError as err:
+        print(f"evaluate: {args.params}: missing parameter evaluate.{err.args[0]}", file=sys.stderr)
+        return 2
+    Path(args.plots).mkdir(parents=True, exist_ok=True)
+    worker_args = [
+        "--params", args.params, "--infos", args.infos, "--checkpoint", args.checkpoint,
+        "--out", args.out, "--metrics", args.metrics, "--plots", args.plots,
+    ]  # fmt: skip
+    env = {**os.environ, **launch_env(device)}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
+    if devices == 1:
+        cmd = [sys.executable, "-m", "pipeline.evaluate", *worker_args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={devices}",
+            "-m",
+            "pipeline.evaluate",
+            *worker_args,
+        ]
+    return subprocess.call(cmd, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""DVC stage `train`: Sparse4D training on NPU, GPU or CPU, launched with torchrun when more than
+one process is asked for (train.devices per node, train.nnodes nodes)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.devices import DeviceError, launch_env, resolve_device  # noqa: E402
+from pipeline.params import ParamsError, load_params  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--infos", default="data/infos/nuscenes_infos_train.pkl")
+    parser.add_argument("--anchors", default="data/anchors/nuscenes_kmeans.npy")
+    parser.add_argument("--backbone", default="ckpt/backbone.json")
+    parser.add_argument("--out", default="runs/train")
+    parser.add_argument("--metrics", default="metrics/train.json")
+    parser.add_argument("--live", default="runs/train/live")
+    args = parser.parse_args(argv)
+    try:
+        tp = load_params(args.params, "train")
+        device = resolve_device(str(tp["device"]))
+        devices, nnodes = int(tp["devices"]), int(tp["nnodes"])
+        if devices < 1 or nnodes < 1:
+            raise ParamsError(f"{args.params}: train.devices and train.nnodes must be >= 1, got {devices} and {nnodes}")
+        if int(tp["total_batch_size"]) % (devices * nnodes):
+            raise ParamsError(
+                f"{args.params}: train.total_batch_size {tp['total_batch_size']} is not divisible by "
+                f"{devices * nnodes} devices (train.devices x train.nnodes)"
+            )
+    except (ParamsError, DeviceError) as err:
+        print(f"train: {err}", file=sys.stderr)
+        return 2
+    except KeyError as err:
+        print(f"train: {args.params}: missing parameter train.{err.args[0]}", file=sys.stderr)
+        return 2
+    worker_args = [
+        "--params", args.params, "--infos", args.infos, "--anchors", args.anchors, "--backbone", args.backbone,
+        "--out", args.out, "--metrics", args.metrics, "--live", args.live,
+    ]  # fmt: skip
+    env = {**os.environ, **launch_env(device)}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
+    if devices * nnodes == 1:
+        cmd = [sys.executable, "-m", "pipeline.train", *worker_args]
+    else:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run",
+            f"--nproc_per_node={devices}", f"--nnodes={nnodes}", f"--node_rank={int(tp['node_rank'])}",
+            f"--master_addr={tp['master_addr']}", f"--master_port={int(tp['master_port'])}",
+            "-m", "pipeline.train", *worker_args,
+        ]  # fmt: skip
+    return subprocess.call(cmd, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Training: resume after kill -9 equals an uninterrupted run, non-finite steps, clear errors,
+and a 2-process gloo DDP run through `dvc repro train`, all on a tiny configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.anchors import kmeans_anchors
+from pipeline.convert import convert
+from pipeline.devices import DeviceError
+from pipeline.train import TrainError, train
+from tests.conftest import ROOT
+
+TINY_MODEL = dict(
+    depth=18, with_cp=False, embed_dims=32, num_groups=2, num_decoder=2, num_single_frame_decoder=1, num_anchor=20,
+    num_temp_instances=10, num_dn_groups=1, num_temp_dn_groups=1, max_dn_gt=8, num_depth_layers=1, use_grid_mask=True,
+    classes=["car", "truck", "construction_vehicle", "bus", "trailer", "barrier", "motorcycle", "bicycle", "pedestrian", "traffic_cone"],
+)  # fmt: skip
+TINY_AUG = dict(H=360, W=640, final_dim=[64, 176], resize_lim=[0.27, 0.3], bot_pct_lim=[0.0, 0.0], rot_lim=[-5.4, 5.4], rand_flip=True, rot3d_range=[-0.3925, 0.3925])  # fmt: skip
+
+
+def tiny_params(**train) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"] = dict(TINY_MODEL)
+    params["data"] = {"aug": dict(TINY_AUG), "sequences_split_num": 2}
+    params["train"].update(
+        device="cpu", devices=1, total_batch_size=2, iterations=6, warmup_iters=2, checkpoint_interval=2, num_workers=0
+    )
+    params["train"].update(train)
+    return params
+
+
+@pytest.fixture(scope="module")
+def workspace(small_twin, tmp_path_factory):
+    """The small twin's root (cwd of the runs) with train infos and 20 anchors."""
+    root = small_twin.parent.parent
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        infos = convert("data/nuscenes", "v1.0-mini")["train"]
+    finally:
+        os.chdir(cwd)
+    import pickle
+
+    (root / "data" / "infos").mkdir(parents=True, exist_ok=True)
+    with open(root / "data" / "infos" / "train.pkl", "wb") as f:
+        pickle.dump(infos, f)
+    boxes = np.concatenate([i["gt_boxes"] for i in infos["infos"]])
+    np.save(root / "data" / "anchors.npy", kmeans_anchors(boxes, 20, 55.0, 0)[0])
+    return root
+
+
+def run_train(workspace: Path, out: Path, params: dict) -> dict:
+    return train(
+        params,
+        "data/infos/train.pkl",
+        "data/anchors.npy",
+        "ckpt/none.json",
+        str(out),
+        str(out / "train.json"),
+        str(out / "live"),
+    )
+
+
+def test_resume_after_kill_equals_an_uninterrupted_run(workspace, tmp_path, monkeypatch):
+    monkeypatch.chdir(workspace)
+    params = tiny_params()
+    summary = run_train(workspace, tmp_path / "straight", params)
+    assert summary["iterations"] == 6 and summary["step_time_s"] > 0 and summary["samples_per_s"] > 0
+    history = json.loads((tmp_path / "straight" / "train.json").read_text())
+    assert history["world_size"] == 1 and history["device"] == "cpu"
+    assert (tmp_path / "straight" / "live" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
+
+    # The same run in a process killed with SIGKILL once the first checkpoint is on disk, then rerun.
+    out = tmp_path / "killed"
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params))
+    args = [
+        "--params",
+        str(params_path),
+        "--infos",
+        "data/infos/train.pkl",
+        "--anchors",
+        "data/anchors.npy",
+        "--backbone",
+        "ckpt/none.json",
+    ]
+    args += ["--out", str(out), "--metrics", str(out / "train.json"), "--live", str(out / "live")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    latest = out / "checkpoints" / "latest.pth"
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.exists()
+    assert not (out / "model.pth").exists()
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", *args], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stdout
+    a = torch.load(tmp_path / "straight" / "model.pth", weights_only=False)["state_dict"]
+    b = torch.load(out / "model.pth", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_non_finite_steps_are_skipped_then_abort(workspace, tmp_path, monkeypatch):
+    monkeypatch.chdir(workspace)
+    from model.detector import Sparse4D
+
+    original = Sparse4D.forward_train
+    calls = {"n": 0}
+
+    def first_step_nan(self, data):
+        losses = original(self, data)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            losses["loss_nan"] = torch.tensor(float("nan"), requires_grad=True)
+        return losses
+
+    monkeypatch.setattr(Sparse4D, "forward_train", first_step_nan)
+    summary = run_train(workspace, tmp_path / "one", tiny_params(iterations=3))
+    assert summary["nonfinite_steps"] == 1 and summary["iterations"] == 3
+
+    def always_nan(self, data):
+        losses = original(self, data)
+        losses["loss_nan"] = torch.tensor(float("nan"), requires_grad=True)
+        return losses
+
+    monkeypatch.setattr(Sparse4D, "forward_train", always_nan)
+    with pytest.raises(TrainError, match="3 consecutive"):
+        run_train(workspace, tmp_path / "all", tiny_params(iterations=6, max_nonfinite_steps=3))
+    assert not (tmp_path / "all" / "model.pth").exists()
+
+
+def test_errors_name_what_is_wrong(workspace, tmp_path, monkeypatch):
+    monkeypatch.chdir(workspace)
+    with pytest.raises(TrainError, match="missing.pkl"):
+        train(
+            tiny_params(),
+            "data/missing.pkl",
+            "data/anchors.npy",
+            "x.json",
+            str(tmp_path),
+            str(tmp_path / "m.json"),
+            str(tmp_path / "l"),
+        )
+    with pytest.raises(TrainError, match="nope.npy"):
+        train(
+            tiny_params(),
+            "data/infos/train.pkl",
+            "data/nope.npy",
+            "x.json",
+            str(tmp_path),
+            str(tmp_path / "m.json"),
+            str(tmp_path / "l"),
+        )
+    with pytest.raises(TrainError, match="model.num_anchor"):
+        run_train(workspace, tmp_path, {**tiny_params(), "model": {**TINY_MODEL, "num_anchor": 30}})
+    if not hasattr(torch, "npu"):
+        with pytest.raises(DeviceError, match="torch_npu"):
+            run_train(workspace, tmp_path, tiny_params(device="npu"))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(devices=2, total_batch_size=3)))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "train.py"), "--params", str(params)], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "total_batch_size 3 is not divisible by 2 devices" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_process_ddp_through_dvc_repro_train(tmp_path):
+    """`dvc repro train` in a copy of the project with a tiny twin and 2 gloo processes."""
+    work = tmp_path / "project"
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file() and not name.startswith("tests/"):
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, work / name)
+    params = tiny_params(devices=2, total_batch_size=2, iterations=3)
+    params["synthesize"].update(
+        num_scenes=3, samples_per_scene=3, objects_per_scene=30, image_width=640, image_height=360
+    )
+    params["anchors"]["num_anchor"] = 20
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    commands = [
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        [*git, "commit", "-qm", "project"],
+        [sys.executable, "-m", "dvc", "repro", "train"],
+        [sys.executable, "-m", "dvc", "metrics", "show"],
+    ]
+    for cmd in commands:
+        result = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "step_time_s" in result.stdout and "samples_per_s" in result.stdout
+    metrics = json.loads((work / "metrics" / "train.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["iterations"] == 3 and metrics["global_batch"] == 2
+    assert (work / "runs" / "train" / "model.pth").is_file()
