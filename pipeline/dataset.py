@@ -138,36 +138,54 @@ def depth_maps(
 
 def _open(path: str) -> Image.Image:
     try:
-        img = Image.open(path)
-        img.draft("RGB", img.size)  # no-op size; makes the decoder produce RGB
-        return img
+        return Image.open(path)
     except (OSError, ValueError) as err:
         raise DatasetError(f"{path}: cannot read the image ({err})") from err
 
 
-def load_image_fast(path: str, transform: np.ndarray, out_wh: tuple[int, int], resize: float) -> np.ndarray:
-    """Decode at reduced scale where possible, then one bilinear affine warp -> (H, W, 3) uint8 RGB."""
-    img = _open(path)
-    width, height = img.size
-    try:
-        img.draft("RGB", (max(1, math.ceil(width * resize)), max(1, math.ceil(height * resize))))
-        img = img.convert("RGB")
-        factor = int(min(img.size[0] / (width * resize), img.size[1] / (height * resize)) // 2 * 2)
-        if factor >= 2:
-            img = img.reduce(factor)
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"{path}: cannot decode the image ({err})") from err
-    scale = np.diag([img.size[0] / width, img.size[1] / height, 1.0])  # original -> decoded pixels
-    out_to_in = np.linalg.inv(transform @ np.linalg.inv(scale))
-    warped = img.transform(tuple(out_wh), Image.AFFINE, data=tuple(out_to_in[:2].ravel()), resample=Image.BILINEAR)
-    return np.asarray(warped)
+_REDUCED_READ = {
+    1: cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
+
+
+def load_image_fast(
+    path: str, transform: np.ndarray, out_wh: tuple[int, int], resize: float, size_wh: tuple[int, int]
+) -> np.ndarray:
+    """Decode at reduced scale where possible, then one bilinear affine warp -> (H, W, 3) uint8 RGB.
+
+    size_wh: the source image's (width, height). A JPEG is decoded at 1/2, 1/4 or 1/8 scale (the
+    largest that keeps it at least the resized size), straight into an array; what is still at
+    least twice too large is shrunk by an integer box filter against aliasing."""
+    width, height = size_wh
+    step = 1
+    while step < 8 and resize * step * 2 <= 1.0:
+        step *= 2
+    pixels = cv2.imread(path, _REDUCED_READ[step])
+    if pixels is None:
+        raise DatasetError(f"{path}: cannot read the image (missing, truncated or not an image)")
+    if pixels.shape[:2] != (math.ceil(height / step), math.ceil(width / step)):
+        raise DatasetError(
+            f"{path}: the image is {pixels.shape[1] * step}x{pixels.shape[0] * step} (at 1/{step} scale "
+            f"{pixels.shape[1]}x{pixels.shape[0]}), but data.aug says W x H = {width}x{height}"
+        )
+    factor = int(min(pixels.shape[1] / (width * resize), pixels.shape[0] / (height * resize)) // 2 * 2)
+    if factor >= 2:
+        pixels = cv2.resize(pixels, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
+    scale = np.diag([pixels.shape[1] / width, pixels.shape[0] / height, 1.0])  # original -> decoded pixels
+    matrix = (transform @ np.linalg.inv(scale))[:2]  # decoded -> output pixels
+    out = cv2.warpAffine(pixels, matrix, tuple(out_wh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    return cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
 
 
 def load_image_chain(path: str, aug: dict) -> np.ndarray:
     """The reference's chain: full decode, resize, crop, flip, rotate -> (H, W, 3) uint8 RGB."""
     img = _open(path)
     try:
-        img = img.convert("RGB")
+        img.load()
+        img = img.convert("RGB") if img.mode != "RGB" else img
     except (OSError, ValueError) as err:
         raise DatasetError(f"{path}: cannot decode the image ({err})") from err
     width, height = img.size
@@ -342,7 +360,10 @@ class Sparse4DDataset(torch.utils.data.Dataset):
         transform[:3, :3] = image_transform(aug)
         for cam in info["cams"].values():
             if self.fast_images:
-                imgs.append(load_image_fast(cam["data_path"], transform[:3, :3], (final_w, final_h), aug["resize"]))
+                size = (self.aug_conf["W"], self.aug_conf["H"])
+                imgs.append(
+                    load_image_fast(cam["data_path"], transform[:3, :3], (final_w, final_h), aug["resize"], size)
+                )
             else:
                 imgs.append(load_image_chain(cam["data_path"], aug))
         lidar2img = [transform @ m for m in lidar2img]
@@ -373,9 +394,8 @@ class Sparse4DDataset(torch.utils.data.Dataset):
             if self.photometric:
                 rng = np.random.RandomState(np.random.randint(2**31))
                 imgs = [photometric_distortion(img, rng) for img in imgs]
-        imgs = [(np.asarray(img, np.float32) - IMG_MEAN) / IMG_STD for img in imgs]
         sample.update(
-            img=torch.from_numpy(np.ascontiguousarray(np.stack(imgs).transpose(0, 3, 1, 2))),
+            img=torch.from_numpy(normalise(imgs)),
             projection_mat=torch.from_numpy(np.stack(lidar2img).astype(np.float32)),
             image_wh=torch.tensor([[final_w, final_h]] * len(imgs), dtype=torch.float32),
             focal=torch.from_numpy(focal),
@@ -386,6 +406,17 @@ class Sparse4DDataset(torch.utils.data.Dataset):
             token=info["token"],
         )
         return sample
+
+
+def normalise(imgs: Sequence[np.ndarray]) -> np.ndarray:
+    """(H, W, 3) RGB images -> (N, 3, H, W) float32, (x - mean) / std, written in one pass per image."""
+    height, width = imgs[0].shape[:2]
+    out = np.empty((len(imgs), 3, height, width), np.float32)
+    scale = (1.0 / IMG_STD)[:, None, None]
+    for i, img in enumerate(imgs):
+        np.subtract(img.transpose(2, 0, 1), IMG_MEAN[:, None, None], out=out[i], dtype=np.float32)
+        out[i] *= scale
+    return out
 
 
 def _load_points(path: str) -> np.ndarray:

@@ -201,3 +201,9 @@ def test_unreadable_image_names_the_file(infos_pkl, tmp_path):
         ds[0]
     with pytest.raises(DatasetError, match="missing.pkl"):
         Sparse4DDataset(str(tmp_path / "missing.pkl"), CLASSES, AUG)
+
+
+def test_source_size_other_than_data_aug_is_a_clear_error(infos_pkl):
+    ds = Sparse4DDataset(str(infos_pkl), CLASSES, {**AUG, "W": 800, "H": 450}, test_mode=True)
+    with pytest.raises(DatasetError, match=r"data.aug says W x H = 800x450"):
+        ds[0]
