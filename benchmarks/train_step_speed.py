@@ -30,15 +30,14 @@ from pipeline.dataset import Sparse4DDataset, collate  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def full_config() -> tuple[dict, dict]:
-    text = (ROOT / "params-full.yaml").read_text()
-    params = yaml.safe_load(text)
-    return params["model"], params["data"]["aug"]
+def full_config() -> tuple[dict, dict, int]:
+    params = yaml.safe_load((ROOT / "params-full.yaml").read_text())
+    return params["model"], params["data"]["aug"], int(params["anchors"]["num_anchor"])
 
 
 def time_steps(backend: str, batch: dict, mp: dict, anchor: np.ndarray, iters: int, warmup: int) -> list[float]:
     torch.manual_seed(0)
-    model = build_model(dict(mp), anchor)
+    model = build_model(dict(mp), anchor).use_channels_last()
     for module in model.modules():
         if isinstance(module, DeformableFeatureAggregation):
             module.backend = backend
@@ -65,11 +64,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backends", nargs="+", default=["torch", "reference"])
+    parser.add_argument(
+        "--with-cp",
+        choices=["config", "true", "false"],
+        default="config",
+        help="gradient checkpointing in the backbone (the full config: true; a memory/speed trade, same maths)",
+    )
     args = parser.parse_args()
     if not Path(args.infos).is_file():
         sys.exit(f"{args.infos}: not found; run `dvc repro convert` first")
     torch.set_num_threads(args.threads)
-    mp, aug = full_config()
+    mp, aug, num_anchor = full_config()
+    if args.with_cp != "config":
+        mp["with_cp"] = args.with_cp == "true"
     ds = Sparse4DDataset(args.infos, mp["classes"], aug)
     np.random.seed(0)
     batch = collate([ds[1]])
@@ -79,7 +86,7 @@ def main() -> None:
         from pipeline.anchors import kmeans_anchors
 
         boxes = np.concatenate([info["gt_boxes"] for info in ds.data_infos])
-        anchor = kmeans_anchors(boxes, int(mp["num_anchor"]), 55.0, seed=0)[0]
+        anchor = kmeans_anchors(boxes, num_anchor, 55.0, seed=0)[0]
     results = {}
     for backend in args.backends:
         times = time_steps(backend, batch, mp, anchor, args.iters, args.warmup)
@@ -89,7 +96,7 @@ def main() -> None:
         )
     if {"torch", "reference"} <= set(results):
         print(
-            f"full config, batch 1, {args.threads} threads: ours {results['torch']:.2f} s, plain grid_sample "
+            f"full config (with_cp {mp['with_cp']}), batch 1, {args.threads} threads: ours {results['torch']:.2f} s, plain grid_sample "
             f"{results['reference']:.2f} s per step: {results['torch'] / results['reference']:.2f}x the time"
         )
 

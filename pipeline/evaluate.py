@@ -341,6 +341,8 @@ def evaluate(params: dict, infos_path: str, checkpoint: str, out_dir: str, metri
     anchor = state["head.instance_bank.anchor"].numpy()
     model = build_model(dict(mp), anchor).to(dist.device)
     model.load_state_dict(state, strict=True)
+    if dist.device.type == "cpu":
+        model.use_channels_last()
     dataset = Sparse4DDataset(
         infos_path,
         classes=list(mp["classes"]),

@@ -222,6 +222,8 @@ def train(
     )
 
     model = build_model(dict(mp), anchor).to(dist.device)
+    if dist.device.type == "cpu":
+        model.use_channels_last()
     manifest = json.loads(Path(backbone_manifest).read_text()) if Path(backbone_manifest).is_file() else {}
     if manifest.get("file"):
         model.load_backbone_weights(Path(backbone_manifest).parent / manifest["file"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,9 +33,18 @@ def test_fresh_clone_repro_reproduces_lock(tmp_path):
         assert lock["stages"][stage]["outs"] == committed["stages"][stage]["outs"], stage
     assert (clone / "data" / "nuscenes" / "v1.0-mini" / "sample.json").is_file()
     shown = dvc(clone, "metrics", "show").stdout
-    assert "boxes_used" in shown and "samples" in shown
+    for name in ("boxes_used", "samples", "mAP", "NDS", "step_time_s", "samples_per_s"):
+        assert name in shown, name
+    metrics = json.loads((clone / "metrics" / "evaluate.json").read_text())
+    assert 0.0 <= metrics["mAP"] <= 1.0 and set(metrics["per_class_AP"]) == set(
+        yaml.safe_load((clone / "params.yaml").read_text())["model"]["classes"]
+    )
+    dvc(clone, "plots", "show", "-o", str(tmp_path / "plots"))
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert "loss" in html and "per_class_ap.png" in html
 
-    # A changed anchors parameter reruns anchors (and what depends on it), nothing upstream.
-    out = dvc(clone, "exp", "run", "-S", "anchors.num_anchor=200").stdout
-    assert "Running stage 'anchors'" in out
-    assert "Running stage 'synthesize'" not in out and "Running stage 'convert'" not in out
+    # A changed training parameter reruns train and evaluate, nothing upstream.
+    out = dvc(clone, "exp", "run", "-S", "train.lr=3e-4", "-S", "train.iterations=6").stdout
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
+    for stage in ("synthesize", "convert", "anchors", "backbone"):
+        assert f"Running stage '{stage}'" not in out, stage
