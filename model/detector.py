@@ -55,7 +55,7 @@ class Sparse4D(nn.Module):
         self.grid_mask = GridMask(True, True, rotate=1, ratio=0.5, mode=1, prob=0.7)
         self.channels_last = False
 
-    def use_channels_last(self) -> "Sparse4D":
+    def use_channels_last(self) -> Sparse4D:
         """NHWC convolutions in the backbone and neck (about 20 % faster on CPU with oneDNN); the
         maths and the state-dict are unchanged. The training and evaluation stages call it on CPU."""
         self.channels_last = True
