@@ -22,20 +22,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model.detector import CLASSES as DETECTION_CLASSES  # noqa: E402
 from pipeline.dataset import DEFAULT_AUG, IMG_STD, Sparse4DDataset  # noqa: E402
 
-CLASSES = [
-    "car",
-    "truck",
-    "construction_vehicle",
-    "bus",
-    "trailer",
-    "barrier",
-    "motorcycle",
-    "bicycle",
-    "pedestrian",
-    "traffic_cone",
-]
+CLASSES = list(DETECTION_CLASSES)
 
 
 def run(ds: Sparse4DDataset, items: list[dict]) -> tuple[float, list[dict]]:

@@ -358,9 +358,9 @@ class Sparse4DDataset(torch.utils.data.Dataset):
         imgs = []
         transform = np.eye(4)
         transform[:3, :3] = image_transform(aug)
+        size = (self.aug_conf["W"], self.aug_conf["H"])
         for cam in info["cams"].values():
             if self.fast_images:
-                size = (self.aug_conf["W"], self.aug_conf["H"])
                 imgs.append(
                     load_image_fast(cam["data_path"], transform[:3, :3], (final_w, final_h), aug["resize"], size)
                 )

@@ -74,6 +74,36 @@ def backend_for(device: str) -> str:
     return {"npu": "hccl", "cuda": "nccl"}.get(device, "gloo")
 
 
+def run_workers(
+    module: str,
+    args: list[str],
+    device: str,
+    devices: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: int = 29500,
+) -> int:
+    """Run `python -m module args` once, or under torchrun when devices x nnodes > 1, with the
+    device's environment (launch_env) and the repository on PYTHONPATH; returns the exit code."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, **launch_env(device)}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
+    if devices * nnodes == 1:
+        cmd = [sys.executable, "-m", module, *args]
+    else:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run",
+            f"--nproc_per_node={devices}", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
+            f"--master_addr={master_addr}", f"--master_port={master_port}",
+            "-m", module, *args,
+        ]  # fmt: skip
+    return subprocess.call(cmd, env=env)
+
+
 def launch_env(device: str) -> dict[str, str]:
     """Extra environment for the training processes (the seed's NPU settings, tcmalloc)."""
     env: dict[str, str] = {}

@@ -361,7 +361,6 @@ def evaluate(params: dict, infos_path: str, checkpoint: str, out_dir: str, metri
     if not dist.main:
         return {}
     infos = dataset.data_infos
-    Path(plots_dir).mkdir(parents=True, exist_ok=True)
     sub = submission(results, infos, list(mp["classes"]))
     out = Path(out_dir)
     result_path = str(out / "results_nusc.json")

@@ -325,11 +325,12 @@ def train(
                 )
         scaler.update()
         step_time = time.perf_counter() - t0
+        loss_value = float(loss.detach())
         it += 1
         consumed = batches.consumed - _prefetched(loader)
         record = {
             "iteration": it,
-            "loss": float(loss),
+            "loss": loss_value,
             "lr": lr * factor,
             "grad_norm": float(grad_norm),
             "step_time": step_time,
@@ -339,12 +340,12 @@ def train(
         if live is not None:
             for key, value in losses.items():
                 live.log_metric(f"train/{key}", float(value))
-            live.log_metric("train/loss", float(loss))
+            live.log_metric("train/loss", loss_value)
             live.log_metric("train/lr", lr * factor)
             live.log_metric("train/grad_norm", float(grad_norm))
             live.log_metric("train/step_time_s", step_time)
             live.next_step()
-        bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr * factor:.2e}")
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr * factor:.2e}")
         bar.update()
         if it % checkpoint_interval == 0 or it == max_iters:
             _checkpoint(out, model, optimizer, scaler, it, consumed, nonfinite_total, history, fingerprint, dist)

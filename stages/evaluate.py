@@ -4,14 +4,12 @@ and pictures; distributed with torchrun when evaluate.devices > 1."""
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.devices import DeviceError, launch_env, resolve_device  # noqa: E402
+from pipeline.devices import DeviceError, resolve_device, run_workers  # noqa: E402
 from pipeline.params import ParamsError, load_params  # noqa: E402
 
 
@@ -41,22 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         "--params", args.params, "--infos", args.infos, "--checkpoint", args.checkpoint,
         "--out", args.out, "--metrics", args.metrics, "--plots", args.plots,
     ]  # fmt: skip
-    env = {**os.environ, **launch_env(device)}
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
-    if devices == 1:
-        cmd = [sys.executable, "-m", "pipeline.evaluate", *worker_args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={devices}",
-            "-m",
-            "pipeline.evaluate",
-            *worker_args,
-        ]
-    return subprocess.call(cmd, env=env)
+    return run_workers("pipeline.evaluate", worker_args, device, devices)
 
 
 if __name__ == "__main__":

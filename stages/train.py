@@ -4,14 +4,12 @@ one process is asked for (train.devices per node, train.nnodes nodes)."""
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.devices import DeviceError, launch_env, resolve_device  # noqa: E402
+from pipeline.devices import DeviceError, resolve_device, run_workers  # noqa: E402
 from pipeline.params import ParamsError, load_params  # noqa: E402
 
 
@@ -46,19 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         "--params", args.params, "--infos", args.infos, "--anchors", args.anchors, "--backbone", args.backbone,
         "--out", args.out, "--metrics", args.metrics, "--live", args.live,
     ]  # fmt: skip
-    env = {**os.environ, **launch_env(device)}
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
-    if devices * nnodes == 1:
-        cmd = [sys.executable, "-m", "pipeline.train", *worker_args]
-    else:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run",
-            f"--nproc_per_node={devices}", f"--nnodes={nnodes}", f"--node_rank={int(tp['node_rank'])}",
-            f"--master_addr={tp['master_addr']}", f"--master_port={int(tp['master_port'])}",
-            "-m", "pipeline.train", *worker_args,
-        ]  # fmt: skip
-    return subprocess.call(cmd, env=env)
+    return run_workers(
+        "pipeline.train", worker_args, device, devices, nnodes, int(tp["node_rank"]), str(tp["master_addr"]),
+        int(tp["master_port"]),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

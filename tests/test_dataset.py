@@ -10,22 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model.detector import CLASSES as DETECTION_CLASSES
 from pipeline.convert import convert
 from pipeline.dataset import IMG_MEAN, IMG_STD, DatasetError, Sparse4DDataset, collate, lidar2img_matrices
 from pipeline.sampler import GroupInBatchSampler, SamplerError
 
-CLASSES = [
-    "car",
-    "truck",
-    "construction_vehicle",
-    "bus",
-    "trailer",
-    "barrier",
-    "motorcycle",
-    "bicycle",
-    "pedestrian",
-    "traffic_cone",
-]
+CLASSES = list(DETECTION_CLASSES)
 AUG = {
     "H": 360,
     "W": 640,

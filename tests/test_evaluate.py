@@ -8,22 +8,12 @@ import os
 import numpy as np
 import pytest
 
+from model.detector import CLASSES as DETECTION_CLASSES
 from pipeline.convert import convert
 from pipeline.evaluate import EvaluateError, nuscenes_eval, sequence_chunks, submission, write_results
 from tests.conftest import SMALL  # noqa: F401
 
-CLASSES = [
-    "car",
-    "truck",
-    "construction_vehicle",
-    "bus",
-    "trailer",
-    "barrier",
-    "motorcycle",
-    "bicycle",
-    "pedestrian",
-    "traffic_cone",
-]
+CLASSES = list(DETECTION_CLASSES)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from model.detector import CLASSES
 from pipeline.anchors import kmeans_anchors
 from pipeline.convert import convert
 from pipeline.devices import DeviceError
@@ -26,7 +27,7 @@ from tests.conftest import ROOT
 TINY_MODEL = dict(
     depth=18, with_cp=False, embed_dims=32, num_groups=2, num_decoder=2, num_single_frame_decoder=1, num_anchor=20,
     num_temp_instances=10, num_dn_groups=1, num_temp_dn_groups=1, max_dn_gt=8, num_depth_layers=1, use_grid_mask=True,
-    classes=["car", "truck", "construction_vehicle", "bus", "trailer", "barrier", "motorcycle", "bicycle", "pedestrian", "traffic_cone"],
+    classes=list(CLASSES),
 )  # fmt: skip
 TINY_AUG = dict(H=360, W=640, final_dim=[64, 176], resize_lim=[0.27, 0.3], bot_pct_lim=[0.0, 0.0], rot_lim=[-5.4, 5.4], rand_flip=True, rot3d_range=[-0.3925, 0.3925])  # fmt: skip
 
