@@ -209,6 +209,7 @@ def train(
         with_seq_flag=True,
         sequences_split_num=int(dp["sequences_split_num"]),
         keep_consistent_seq_aug=True,
+        photometric=bool(dp.get("photometric", True)),
     )
     iters_per_epoch = max(1, len(dataset) // total_batch)
     max_iters = int(tp.get("iterations") or 0) or int(float(tp["epochs"]) * iters_per_epoch)

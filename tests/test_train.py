@@ -150,6 +150,24 @@ def test_non_finite_steps_are_skipped_then_abort(workspace, tmp_path, monkeypatc
     assert not (tmp_path / "all" / "model.pth").exists()
 
 
+def test_photometric_distortion_follows_data_photometric(workspace, tmp_path, monkeypatch):
+    """`data.photometric: false` (the demo: the twin's classes are told by hue) trains without
+    mmdet's PhotoMetricDistortion; true (the seed) applies it to every training view."""
+    import pipeline.dataset
+
+    monkeypatch.chdir(workspace)
+    calls = []
+    real = pipeline.dataset.photometric_distortion
+    monkeypatch.setattr(pipeline.dataset, "photometric_distortion", lambda img, rng: calls.append(1) or real(img, rng))
+    for photometric, expect_calls in ((False, False), (True, True)):
+        calls.clear()
+        params = tiny_params(iterations=1)
+        params["data"]["photometric"] = photometric
+        run_train(workspace, tmp_path / str(photometric), params)
+        assert bool(calls) is expect_calls, photometric
+    assert len(calls) % 6 == 0  # all six views of a sample
+
+
 def test_errors_name_what_is_wrong(workspace, tmp_path, monkeypatch):
     monkeypatch.chdir(workspace)
     with pytest.raises(TrainError, match="missing.pkl"):
