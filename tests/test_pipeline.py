@@ -1,4 +1,5 @@
-"""End to end: `dvc repro` in a fresh clone reproduces the committed lock and leaves nothing stale."""
+"""End to end: `dvc repro` in a fresh clone reproduces the committed lock and accuracy and leaves
+nothing stale."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def test_fresh_clone_repro_reproduces_lock(tmp_path):
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     committed = yaml.safe_load((clone / "dvc.lock").read_text())
+    committed_metrics = json.loads((clone / "metrics" / "evaluate.json").read_text())
     dvc(clone, "repro")
     assert "up to date" in dvc(clone, "status").stdout
     lock = yaml.safe_load((clone / "dvc.lock").read_text())
@@ -39,6 +41,10 @@ def test_fresh_clone_repro_reproduces_lock(tmp_path):
     assert 0.0 <= metrics["mAP"] <= 1.0 and set(metrics["per_class_AP"]) == set(
         yaml.safe_load((clone / "params.yaml").read_text())["model"]["classes"]
     )
+    # The demo learns: the reproduced accuracy is that of the committed run (the README's figure),
+    # give or take what another CPU's kernels change.
+    assert metrics["mAP"] >= 0.8 * committed_metrics["mAP"], (metrics["mAP"], committed_metrics["mAP"])
+    assert metrics["NDS"] >= 0.8 * committed_metrics["NDS"], (metrics["NDS"], committed_metrics["NDS"])
     dvc(clone, "plots", "show", "-o", str(tmp_path / "plots"))
     html = (tmp_path / "plots" / "index.html").read_text()
     assert "loss" in html and "per_class_ap.png" in html
