@@ -2,6 +2,12 @@
 
 Images: a z-buffer over a textured ground plane (z = 0), a sky, and shaded box faces whose hue
 names the class. LiDAR: rays of a 32-beam spinning sensor cast against the ground and the boxes.
+
+Objects show their front (the box's +x axis, the heading written in the annotations): a dark
+"windscreen" of the class hue covers the upper half of the front face and of the front 40 % of the
+sides and top, so a front view, a rear view and the two side views all differ even at a fifth of
+the resolution. LiDAR hits on that band return a weak (glass) intensity. Barriers and traffic
+cones have no front.
 """
 
 from __future__ import annotations
@@ -22,6 +28,15 @@ _FACES = (
     ((0, 2, 6, 4), (0.0, 0.0, 1.0)),
 )
 _LIGHT = np.array([0.45, 0.3, 0.84]) / np.linalg.norm([0.45, 0.3, 0.84])
+# Classes without a front: nuScenes scores a barrier's orientation modulo 180 deg, a cone's not at all.
+DIRECTION_FREE = ("barrier", "traffic_cone")
+# The front band, in the box frame: x > FRONT_X * length (the front 40 %) and z > FRONT_Z * height
+# (the upper half). Its shading range (0.25..0.35) lies well below the body's (0.55..1.0), so a
+# lit front never looks like a body face in shadow.
+FRONT_X, FRONT_Z = 0.1, 0.0
+_BODY_SHADE = (0.55, 0.45)  # ambient, diffuse
+_FRONT_SHADE = (0.25, 0.1)
+_FRONT_INTENSITY = 2.0  # LiDAR intensity of a hit on the front band (glass returns weakly)
 _SKY_TOP = np.array([90.0, 140.0, 215.0])
 _SKY_HORIZON = np.array([200.0, 215.0, 230.0])
 _NEAR = 0.1  # m, camera near plane
@@ -39,6 +54,11 @@ def box_corners(box: np.ndarray) -> np.ndarray:
 def box_rotation(yaw: float) -> np.ndarray:
     c, s = np.cos(yaw), np.sin(yaw)
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def in_front_band(local: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """(m,) whether (m, 3) box-frame surface points lie on the front band of a (w, l, h) box."""
+    return (local[:, 0] > FRONT_X * size[1]) & (local[:, 2] > FRONT_Z * size[2])
 
 
 def _clip_near(poly: np.ndarray) -> np.ndarray:
@@ -88,6 +108,13 @@ class CameraRenderer:
         # A fixed random 0.5 m texture, tiled every 128 m.
         self.texture = np.random.default_rng(7).integers(0, 23, size=(256, 256)).astype(np.float32)
 
+    def _pixels(self, poly: np.ndarray) -> np.ndarray | None:
+        """(k, 2) pixel coordinates of a (4, 3) camera-frame polygon clipped to the near plane."""
+        poly = _clip_near(poly)
+        if len(poly) < 3:
+            return None
+        return poly[:, :2] / poly[:, 2:3] * np.diag(self.intrinsic)[:2] + self.intrinsic[:2, 2]
+
     def render(
         self, ego_to_global: np.ndarray, cam_to_global: np.ndarray, boxes: np.ndarray, names: list[str]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -114,16 +141,19 @@ class CameraRenderer:
             if (corners[:, 2] < _NEAR).all():
                 continue
             box_rot = box_rotation(box[6])
+            half = np.array([box[4], box[3], box[5]]) / 2  # box-frame half extents (x, y, z)
+            # The band's lower bounds in the box frame; a face's part on the band is the face with
+            # its corners' x and z raised to them (for every face but the back one).
+            band_low = np.array([FRONT_X * box[4], -np.inf, FRONT_Z * box[5]])
+            directed = names[k] not in DIRECTION_FREE
             for idx, normal in _FACES:
                 normal_g = box_rot @ np.array(normal)
-                face = corners[list(idx)]
-                centre_g = box[:3] + box_rot @ (np.array(normal) * np.array([box[4], box[3], box[5]]) / 2)
+                centre_g = box[:3] + box_rot @ (np.array(normal) * half)
                 if normal_g @ (origin - centre_g) <= 0:
                     continue  # back face
-                face = _clip_near(face)
-                if len(face) < 3:
+                uv = self._pixels(corners[list(idx)])
+                if uv is None:
                     continue
-                uv = face[:, :2] / face[:, 2:3] * np.diag(self.intrinsic)[:2] + self.intrinsic[:2, 2]
                 u0, v0 = np.floor(uv.min(0)).astype(int)
                 u1, v1 = np.ceil(uv.max(0)).astype(int)
                 u0, v0 = max(u0, 0), max(v0, 0)
@@ -131,8 +161,16 @@ class CameraRenderer:
                 if u1 < u0 or v1 < v0:
                     continue
                 mask_img = Image.new("L", (u1 - u0 + 1, v1 - v0 + 1), 0)
-                ImageDraw.Draw(mask_img).polygon([(float(a - u0), float(b - v0)) for a, b in uv], fill=1)
-                mask = np.asarray(mask_img, dtype=bool)
+                draw = ImageDraw.Draw(mask_img)
+                draw.polygon([(float(a - u0), float(b - v0)) for a, b in uv], fill=1)
+                band_uv = None
+                if directed and normal[0] >= 0:
+                    band_local = np.maximum(_SIGNS[list(idx)] * half, band_low)  # (4, 3)
+                    band_uv = self._pixels((band_local @ box_rot.T + box[:3] - origin) @ world_to_cam.T)
+                    if band_uv is not None:
+                        draw.polygon([(float(a - u0), float(b - v0)) for a, b in band_uv], fill=2)
+                paint = np.asarray(mask_img)  # 0 outside the face, 1 body, 2 front band
+                mask = paint > 0
                 if not mask.any():
                     continue
                 normal_c = world_to_cam @ normal_g
@@ -144,9 +182,13 @@ class CameraRenderer:
                 mask &= (z > 0) & np.isfinite(z)
                 area[k] += int(mask.sum())
                 front = mask & (z < region)
-                shade = 0.45 + 0.55 * max(0.0, float(normal_g @ _LIGHT))
                 region[front] = z[front]
-                image[v0 : v1 + 1, u0 : u1 + 1][front] = np.rint(class_rgb(names[k], shade)).astype(np.uint8)
+                lit = max(0.0, float(normal_g @ _LIGHT))
+                pixels = image[v0 : v1 + 1, u0 : u1 + 1]
+                pixels[front] = np.rint(class_rgb(names[k], _BODY_SHADE[0] + _BODY_SHADE[1] * lit)).astype(np.uint8)
+                if band_uv is not None:
+                    band_rgb = class_rgb(names[k], _FRONT_SHADE[0] + _FRONT_SHADE[1] * lit)
+                    pixels[front & (paint == 2)] = np.rint(band_rgb).astype(np.uint8)
                 ids[v0 : v1 + 1, u0 : u1 + 1][front] = k
         visible = np.bincount(ids[ids >= 0], minlength=len(boxes))
         return image, visible, area
@@ -179,6 +221,7 @@ def cast_lidar(
     with np.errstate(divide="ignore", invalid="ignore"):
         t_best = np.where(d_g[:, 2] < -1e-9, -origin[2] / d_g[:, 2], np.inf)
     hit = np.full(n, -1, dtype=np.int64)
+    on_band = np.zeros(n, dtype=bool)
     if len(boxes):
         rel_centre = boxes[:, :2] - origin[:2]
         near = np.linalg.norm(rel_centre, axis=1) < LIDAR_MAX_RANGE + 10.0
@@ -220,14 +263,17 @@ def cast_lidar(
             # Keep only hits at least 1 mm inside every face (grazing rays pass), so a point's
             # inside-or-outside never hangs on float rounding.
             with np.errstate(invalid="ignore"):
-                inner = (half - np.abs(o_l + d_l * t_hit[:, None])).min(axis=1)
+                local = o_l + d_l * t_hit[:, None]  # (m, 3) box frame
+                inner = (half - np.abs(local)).min(axis=1)
                 ok = (t_out > t_in) & (t_in > 0) & (t_hit < t_best[idx]) & (inner > 1e-3)
             t_best[idx[ok]] = t_hit[ok]
             hit[idx[ok]] = k
+            on_band[idx[ok]] = in_front_band(local[ok], box[3:6]) & (names[k] not in DIRECTION_FREE)
     keep = (t_best < LIDAR_MAX_RANGE) & (t_best > 1.0)
     t = t_best[keep]
     points = dirs[keep] * t[:, None]
     intensity = np.where(hit[keep] >= 0, 0.0, 8.0 + (ring[keep] % 5))
     for k in np.unique(hit[keep][hit[keep] >= 0]):
         intensity[hit[keep] == k] = _INTENSITY[names[k]]
+    intensity[on_band[keep]] = _FRONT_INTENSITY
     return np.column_stack([points, intensity, ring[keep]]).astype(np.float32)
