@@ -1,8 +1,10 @@
-"""Deformable aggregation: the torch fast path (sparse kernels and gather fallback) against the grid_sample reference.
+"""Deformable aggregation: the torch fast path (sparse kernels and gather fallback) against the compiled op.
 
-Values and gradients (features, points, weights) must match the reference to 1e-5, including key points far outside
-every image, on the image borders and within the last pixel outside them (where grid_sample still blends with the
-zero padding), and batches where no key point lands in any image.
+The ground truth is `tests/kernel_oracle.py`, a line-by-line transcription of the reference's CUDA kernel (what the
+released checkpoints were trained with). Values and gradients (features, points, weights) must match it to 1e-5,
+including key points far outside every image, on the image borders and within the half pixel outside them (where
+the op skips the sample and grid_sample would still blend with the zero padding), and batches where no key point
+lands in any image.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from model.ops.deformable_aggregation import (
     CUDA_EXT_MODULES,
     _torch_aggregation,
     deformable_aggregation,
-    deformable_aggregation_reference,
+    deformable_aggregation_grid_sample,
     select_backend,
 )
+from tests.kernel_oracle import deformable_aggregation_oracle
 
 BS, ANCHORS, POINTS, CAMS, CHANNELS, GROUPS = 2, 7, 5, 3, 8, 2
 # the module (model.ops re-exports the function under the same name)
@@ -53,6 +56,20 @@ def make_inputs(
     return feature_maps, points_2d, weights
 
 
+def oracle(feature_maps, points_2d, weights):
+    """The kernel oracle on the op's input layout, flattened here with plain torch ops."""
+    bs, num_cams, channels = feature_maps[0].shape[:3]
+    dtype = torch.promote_types(torch.promote_types(feature_maps[0].dtype, points_2d.dtype), weights.dtype)
+    rows = [fm.to(dtype).flatten(3).permute(0, 1, 3, 2) for fm in feature_maps]  # (bs, cams, H*W, C) per level
+    mc_ms_feat = torch.cat(rows, dim=2).flatten(1, 2)  # (bs, cams * sum(H*W), C)
+    sizes = [fm.shape[-2] * fm.shape[-1] for fm in feature_maps]
+    spatial_shape = torch.tensor([[fm.shape[-2:] for fm in feature_maps]] * num_cams)
+    start = torch.tensor(
+        [[n * sum(sizes) + sum(sizes[:level]) for level in range(len(sizes))] for n in range(num_cams)]
+    )
+    return deformable_aggregation_oracle(mc_ms_feat, spatial_shape, start, points_2d.to(dtype), weights.to(dtype))
+
+
 def sparse_impl(f, p, w):
     return _torch_aggregation(f, p, w, use_sparse=True)
 
@@ -82,9 +99,9 @@ def run(
     return out.detach(), grads
 
 
-def assert_matches_reference(fn: Callable[..., torch.Tensor], inputs: Inputs, tol: float = 1e-5) -> None:
+def assert_matches_op(fn: Callable[..., torch.Tensor], inputs: Inputs, tol: float = 1e-5) -> None:
     out, grads = run(fn, inputs)
-    ref_out, ref_grads = run(deformable_aggregation_reference, inputs)
+    ref_out, ref_grads = run(oracle, inputs)
     assert out.shape == ref_out.shape == (inputs[1].shape[0], inputs[1].shape[1], inputs[0][0].shape[2])
     assert out.dtype == ref_out.dtype
     torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
@@ -96,7 +113,7 @@ def assert_matches_reference(fn: Callable[..., torch.Tensor], inputs: Inputs, to
 
 def inside_share(points_2d: torch.Tensor) -> float:
     """Share of (anchor, point, camera) triples inside the image."""
-    return ((points_2d >= 0) & (points_2d <= 1)).all(-1).double().mean().item()
+    return ((points_2d > 0) & (points_2d < 1)).all(-1).double().mean().item()
 
 
 def border_points(shapes: Sequence[Tuple[int, int]], seed: int = 0) -> torch.Tensor:
@@ -127,28 +144,28 @@ def border_points(shapes: Sequence[Tuple[int, int]], seed: int = 0) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Equality with the reference, values and gradients
+# Equality with the op (kernel oracle), values and gradients
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("impl", list(TORCH_IMPLS))
 @pytest.mark.parametrize("shapes", [SHAPES, SHAPES3], ids=["2levels", "3levels"])
-def test_random_points_match_reference(impl, shapes):
+def test_random_points_match_the_op(impl, shapes):
     inputs = make_inputs(shapes)
     share = inside_share(inputs[1])
     assert 0.2 < share < 0.8  # a real mix of inside and outside triples
-    assert deformable_aggregation_reference(*inputs).abs().min() > 0  # every anchor samples something
-    assert_matches_reference(TORCH_IMPLS[impl], inputs)
+    assert oracle(*inputs).abs().min() > 0  # every anchor samples something
+    assert_matches_op(TORCH_IMPLS[impl], inputs)
 
 
 @pytest.mark.parametrize("impl", list(TORCH_IMPLS))
 def test_float64_is_computed_in_float64(impl):
     inputs = make_inputs(SHAPES3, seed=1)
-    assert_matches_reference(TORCH_IMPLS[impl], inputs, tol=1e-11)
+    assert_matches_op(TORCH_IMPLS[impl], inputs, tol=1e-11)
 
 
 @pytest.mark.parametrize("impl", list(TORCH_IMPLS))
-def test_points_far_outside_match_reference(impl):
+def test_points_far_outside_match_the_op(impl):
     feature_maps, points_2d, weights = make_inputs(SHAPES3, seed=2)
     gen = torch.Generator().manual_seed(3)
     far = torch.tensor([-1e6, -40.0, -3.0, -0.6, 1.6, 4.0, 55.0, 7e7], dtype=torch.float64)
@@ -158,48 +175,48 @@ def test_points_far_outside_match_reference(impl):
     axis = torch.randint(2, points_2d.shape[:-1], generator=gen)
     far_xy = torch.where(torch.stack([axis == 0, axis == 1], -1), choice, points_2d)
     points_2d = torch.where(outside[..., None], far_xy, points_2d)
-    assert_matches_reference(TORCH_IMPLS[impl], (feature_maps, points_2d, weights))
+    assert_matches_op(TORCH_IMPLS[impl], (feature_maps, points_2d, weights))
 
 
 @pytest.mark.parametrize("impl", list(TORCH_IMPLS))
 @pytest.mark.parametrize("shapes", [SHAPES, SHAPES3], ids=["2levels", "3levels"])
-def test_border_points_match_reference(impl, shapes):
+def test_border_points_match_the_op(impl, shapes):
     feature_maps, _, weights = make_inputs(shapes, seed=4)
     points_2d = border_points(shapes, seed=5)
-    # the border cases really blend with the padding: some samples are partly outside the image
+    # the border cases really reach outside: some samples are partly outside the image
     assert ((points_2d < 0) | (points_2d > 1)).any(-1).double().mean() > 0.2
-    assert_matches_reference(TORCH_IMPLS[impl], (feature_maps, points_2d, weights))
+    assert_matches_op(TORCH_IMPLS[impl], (feature_maps, points_2d, weights))
 
 
-def test_just_outside_still_blends_and_has_point_gradient():
-    """Half a pixel outside the image the sample is half the border pixel; the gradient w.r.t. the point too."""
+def test_border_band_follows_the_op_not_grid_sample():
+    """Just inside the edge the op blends the border pixel with the padding; half a pixel outside it skips the sample
+    (value and gradient 0), where grid_sample still returns a quarter of the border pixel."""
     h, w = 3, 4
     feature = torch.arange(1.0, 1.0 + 2 * h * w, dtype=torch.float64).reshape(1, 1, 2, h, w)
     points_2d = torch.tensor(
-        [[-0.25 / w, 0.5 / h], [(w + 0.25) / w, 0.5 / h], [-1.0 / w, 0.5 / h]], dtype=torch.float64
+        [[0.25 / w, 0.5 / h], [(w - 0.25) / w, 0.5 / h], [-0.25 / w, 0.5 / h], [(w + 0.25) / w, 0.5 / h]],
+        dtype=torch.float64,
     )
-    points_2d = points_2d.reshape(1, 3, 1, 1, 2).requires_grad_()
-    weights = torch.ones(1, 3, 1, 1, 1, 1, dtype=torch.float64)
-    for impl in TORCH_IMPLS.values():
+    points_2d = points_2d.reshape(1, 4, 1, 1, 2).requires_grad_()
+    weights = torch.ones(1, 4, 1, 1, 1, 1, dtype=torch.float64)
+    # pixel x = -0.25 and x = w - 0.75: three quarters of the border pixel; outside the image: nothing
+    expected = torch.tensor(
+        [[0.75 * 1, 0.75 * (1 + h * w)], [0.75 * w, 0.75 * (w + h * w)], [0.0, 0.0], [0.0, 0.0]], dtype=torch.float64
+    )
+    for impl in (*TORCH_IMPLS.values(), oracle):
         out = impl([feature], points_2d, weights)
-        # pixel x = -0.75 and x = w - 0.25 (a quarter pixel outside the edges): a quarter of pixel (0, 0) and of
-        # pixel (w - 1, 0); x = -1.5: nothing
-        expected = torch.tensor(
-            [[0.25 * 1, 0.25 * (1 + h * w)], [0.25 * w, 0.25 * (w + h * w)], [0.0, 0.0]], dtype=torch.float64
-        )
         torch.testing.assert_close(out[0], expected, atol=1e-12, rtol=0)
         (grad,) = torch.autograd.grad(out.sum(), points_2d)
-        ref_out = deformable_aggregation_reference([feature], points_2d, weights)
-        (ref_grad,) = torch.autograd.grad(ref_out.sum(), points_2d)
-        torch.testing.assert_close(grad, ref_grad, atol=1e-10, rtol=1e-10)
-        assert grad[0, 0, 0, 0, 0] > 0 and grad[0, 1, 0, 0, 0] < 0 and grad[0, 2].abs().max() == 0
+        assert grad[0, 0, 0, 0, 0] > 0 and grad[0, 1, 0, 0, 0] < 0 and grad[0, 2:].abs().max() == 0
+    plain = deformable_aggregation_grid_sample([feature], points_2d, weights)
+    torch.testing.assert_close(plain[0, 2], torch.tensor([0.25, 0.25 * (1 + h * w)], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("impl", list(TORCH_IMPLS))
 def test_no_point_in_any_image(impl):
     feature_maps, points_2d, weights = make_inputs(SHAPES3, seed=6)
     points_2d = torch.where(points_2d < 0.5, torch.full_like(points_2d, -2.0), torch.full_like(points_2d, 3.5))
-    ref_out, ref_grads = run(deformable_aggregation_reference, (feature_maps, points_2d, weights))
+    ref_out, ref_grads = run(oracle, (feature_maps, points_2d, weights))
     out, grads = run(TORCH_IMPLS[impl], (feature_maps, points_2d, weights))
     assert out.shape == (BS, ANCHORS, CHANNELS) and out.dtype == torch.float64
     assert out.abs().max() == 0 and ref_out.abs().max() == 0
@@ -216,7 +233,7 @@ def test_one_batch_element_sees_nothing(impl):
     out, grads = run(TORCH_IMPLS[impl], (feature_maps, points_2d, weights))
     assert out[1].abs().max() == 0 and out[0].abs().min() > 0
     assert all(g[1].abs().max() == 0 for g in grads)
-    assert_matches_reference(TORCH_IMPLS[impl], (feature_maps, points_2d, weights))
+    assert_matches_op(TORCH_IMPLS[impl], (feature_maps, points_2d, weights))
 
 
 @pytest.mark.parametrize("impl", ["sparse", "gather"])
@@ -225,7 +242,7 @@ def test_only_requested_gradients(impl):
     weights.requires_grad_()
     out = TORCH_IMPLS[impl](feature_maps, points_2d, weights)
     (grad,) = torch.autograd.grad(out.sum(), weights)
-    ref = deformable_aggregation_reference(feature_maps, points_2d, weights)
+    ref = oracle(feature_maps, points_2d, weights)
     (ref_grad,) = torch.autograd.grad(ref.sum(), weights)
     torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-5)
 
@@ -259,13 +276,13 @@ def test_float32(impl):
     inputs64 = make_inputs(SHAPES3, seed=10)
     inputs32 = ([f.float() for f in inputs64[0]], inputs64[1].float(), inputs64[2].float())
     out, grads = run(TORCH_IMPLS[impl], inputs32)
-    ref_out, ref_grads = run(deformable_aggregation_reference, inputs64)
+    ref_out, ref_grads = run(oracle, inputs64)
     assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
     torch.testing.assert_close(out, ref_out.float(), atol=1e-4, rtol=1e-4)
     for grad, ref in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref.float(), atol=1e-4, rtol=1e-4)
-    # and the same as the reference run in float32
-    assert_matches_reference(TORCH_IMPLS[impl], inputs32, tol=1e-5)
+    # and the same as the oracle run in float32
+    assert_matches_op(TORCH_IMPLS[impl], inputs32, tol=1e-5)
 
 
 @pytest.mark.parametrize("impl", list(TORCH_IMPLS))
@@ -274,7 +291,7 @@ def test_half_features_promote(impl):
     half = [f.half() for f in feature_maps]
     # fp16 features with float32 points and weights: computed and returned in float32
     out, grads = run(TORCH_IMPLS[impl], (half, points_2d.float(), weights.float()))
-    ref_out, ref_grads = run(deformable_aggregation_reference, ([f.double() for f in half], points_2d, weights))
+    ref_out, ref_grads = run(oracle, ([f.double() for f in half], points_2d, weights))
     assert out.dtype == torch.float32
     assert [g.dtype for g in grads] == [torch.float16] * len(half) + [torch.float32, torch.float32]
     torch.testing.assert_close(out, ref_out.float(), atol=1e-4, rtol=1e-4)
@@ -285,9 +302,7 @@ def test_half_features_promote(impl):
     # all half: returned in half, accumulated in float32 (closer to the float64 result than fp16 arithmetic)
     out16 = TORCH_IMPLS[impl](half, points_2d.half(), weights.half())
     assert out16.dtype == torch.float16
-    ref16 = deformable_aggregation_reference(
-        [f.double() for f in half], points_2d.half().double(), weights.half().double()
-    )
+    ref16 = oracle([f.double() for f in half], points_2d.half().double(), weights.half().double())
     torch.testing.assert_close(out16.double(), ref16, atol=1e-2, rtol=1e-2)
 
 
@@ -309,8 +324,8 @@ def test_auto_selects_torch_on_cpu(monkeypatch):
     inputs = make_inputs(SHAPES, seed=12)
     out = deformable_aggregation(*inputs)  # backend="auto"
     assert calls == [1]
-    torch.testing.assert_close(out, deformable_aggregation_reference(*inputs), atol=1e-5, rtol=1e-5)
-    deformable_aggregation(*inputs, backend="reference")
+    torch.testing.assert_close(out, oracle(*inputs), atol=1e-5, rtol=1e-5)
+    deformable_aggregation(*inputs, backend="grid_sample")
     assert calls == [1]
 
 
@@ -335,7 +350,7 @@ def test_unknown_backend():
         (lambda f, p, w: (f, p, torch.cat([w, w[..., :1]], -1)), "divisible"),
     ],
 )
-@pytest.mark.parametrize("backend", ["torch", "reference", "auto"])
+@pytest.mark.parametrize("backend", ["torch", "grid_sample", "auto"])
 def test_bad_shapes_raise(mutate, message, backend):
     with pytest.raises(ValueError, match=message):
         deformable_aggregation(*mutate(*make_inputs()), backend=backend)

@@ -3,7 +3,7 @@
 from .deformable_aggregation import (
     BACKENDS,
     deformable_aggregation,
-    deformable_aggregation_reference,
+    deformable_aggregation_grid_sample,
     flatten_feature_maps,
     select_backend,
 )
@@ -11,7 +11,7 @@ from .deformable_aggregation import (
 __all__ = [
     "BACKENDS",
     "deformable_aggregation",
-    "deformable_aggregation_reference",
+    "deformable_aggregation_grid_sample",
     "flatten_feature_maps",
     "select_backend",
 ]

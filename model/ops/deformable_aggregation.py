@@ -11,10 +11,9 @@ cameras and levels, with one weight per channel group::
 
 Backends (``deformable_aggregation(..., backend=...)``):
 
-* ``"reference"``: the plain formulation, :func:`deformable_aggregation_reference` (``grid_sample`` over every
-  camera and level, then a dense weighted sum). It is the ground truth of the tests and the baseline of
-  ``benchmarks/deformable_aggregation_speed.py``.
-* ``"torch"``: pure PyTorch fast path, equal to the reference up to float rounding, values and gradients
+* ``"torch"``: pure PyTorch fast path with the compiled op's semantics (below), equal to it up to float
+  rounding in values and gradients (checked against a line-by-line transcription of the CUDA kernel,
+  ``tests/kernel_oracle.py``)
   (features, weights and points). It only samples the (anchor, point, camera) triples whose sample can be
   non-zero (a key point usually lands in one or two of the six cameras) and never materialises the
   (bs, anchors, cams, levels, pts, C) tensor: the weighted bilinear sum is a sparse matrix (16 entries per
@@ -24,6 +23,9 @@ Backends (``deformable_aggregation(..., backend=...)``):
 * ``"cuda_ext"``: the compiled CUDA op of the reference implementation (module ``deformable_aggregation_ext``
   built by ``projects/mmdet3d_plugin/ops/setup.py`` of HorizonRobotics/Sparse4D), wrapped in an autograd
   Function that calls its ``deformable_aggregation_forward`` / ``deformable_aggregation_backward``.
+* ``"grid_sample"``: the plain formulation, :func:`deformable_aggregation_grid_sample` (``grid_sample`` over every
+  camera and level, then a dense weighted sum), as the reference's CPU fallback (``use_deformable_func=False``).
+  Only the baseline of ``benchmarks/deformable_aggregation_speed.py``: it differs from the op at the borders.
 * ``"mx_driving"``: the Ascend NPU op ``mx_driving.deformable_aggregation`` (older releases:
   ``mx_driving.npu_deformable_aggregation`` or ``mx_driving.fused.npu_deformable_aggregation``), which has its
   own autograd.
@@ -31,10 +33,11 @@ Backends (``deformable_aggregation(..., backend=...)``):
 ``"auto"`` picks ``mx_driving`` for NPU tensors when it imports, ``cuda_ext`` for CUDA tensors when the extension
 imports, and ``torch`` otherwise. Neither torch_npu, mx_driving nor the extension is imported at module import.
 
-Both compiled ops take the features flattened channel-last, see :func:`flatten_feature_maps`, and differ from
-``grid_sample`` at the image border: they skip a sample whose normalised coordinate is not strictly inside
-(0, 1), while ``grid_sample`` still blends the border pixels with the zero padding up to half a pixel
-outside (and gives half-weighted samples at exactly 0). The reference and torch backends follow ``grid_sample``.
+Both compiled ops take the features flattened channel-last, see :func:`flatten_feature_maps`. Their semantics,
+which the released checkpoints were trained with and which the torch backend follows: a (point, camera) whose
+normalised x or y is not strictly inside (0, 1) is skipped at every level; otherwise the sample is bilinear at
+pixel ``loc * size - 0.5`` with zero padding. ``grid_sample`` differs in a half-pixel band around each map (it
+still blends the border pixels with the padding there).
 
 Only torch APIs available in torch 2.1 are used (the Ascend stack runs torch 2.1 / Python 3.8).
 """
@@ -53,12 +56,12 @@ __all__ = [
     "BACKENDS",
     "CUDA_EXT_MODULES",
     "deformable_aggregation",
-    "deformable_aggregation_reference",
+    "deformable_aggregation_grid_sample",
     "flatten_feature_maps",
     "select_backend",
 ]
 
-BACKENDS = ("auto", "torch", "reference", "cuda_ext", "mx_driving")
+BACKENDS = ("auto", "torch", "grid_sample", "cuda_ext", "mx_driving")
 
 # Import names tried for the reference's compiled CUDA op (TORCH_EXTENSION_NAME in its setup.py); the reference
 # imports it relatively from projects/mmdet3d_plugin/ops, so it is found here when built on sys.path or next to
@@ -118,17 +121,17 @@ def _spatial_shapes(feature_maps: Sequence[torch.Tensor]) -> List[Tuple[int, int
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Plain formulation (ground truth, baseline)
+# Plain formulation (benchmark baseline)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def deformable_aggregation_reference(
+def deformable_aggregation_grid_sample(
     feature_maps: Sequence[torch.Tensor], points_2d: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
     """The plain formulation: ``grid_sample`` every level of every camera at every key point, then a weighted sum.
 
-    Same computation as ``feature_sampling`` + ``multi_view_level_fusion`` + the sum over points in
-    ``DeformableFeatureAggregation`` of the reference Sparse4D (with the points already projected).
+    Same computation as the reference's CPU fallback (``feature_sampling`` + ``multi_view_level_fusion`` + the
+    sum over points in its ``DeformableFeatureAggregation``, points already projected); not the op's border rule.
 
     Args:
         feature_maps: one (bs, num_cams, C, H_l, W_l) tensor per level.
@@ -251,9 +254,8 @@ def flatten_feature_maps(
 class _Plan:
     """Which (batch, anchor, point, camera) triples are sampled, and their bilinear corners.
 
-    Built from points only (no grad). T = number of triples whose sample can be non-zero at some level, i.e.
-    grid_sample's pixel coordinate is in [-1, W) x [-1, H) (the lower bound is inclusive because grid_sample's
-    gradient w.r.t. the point is still non-zero there). Tensors:
+    Built from points only (no grad). T = number of triples the compiled op samples: normalised x and y
+    strictly inside (0, 1). Tensors:
 
         mask   (bs, num_anchor, num_pts, num_cams) bool, the selected triples
         row    (T,) int64, output row b * num_anchor + a of each triple
@@ -270,12 +272,13 @@ class _Plan:
         device = points_2d.device
         heights = torch.tensor([h for h, _ in shapes], dtype=dtype, device=device)  # (num_levels,)
         widths = torch.tensor([w for _, w in shapes], dtype=dtype, device=device)
-        # grid_sample(align_corners=False) un-normalisation, written as its CPU kernel does: (g + 1) * size / 2 - 0.5
-        grid = points_2d.to(dtype) * 2 - 1  # (bs, num_anchor, num_pts, num_cams, 2)
-        ix = (grid[..., 0, None] + 1) * (widths / 2) - 0.5  # (bs, num_anchor, num_pts, num_cams, num_levels)
-        iy = (grid[..., 1, None] + 1) * (heights / 2) - 0.5
-        inside = (ix >= -1) & (ix < widths) & (iy >= -1) & (iy < heights)
-        self.mask = inside.any(dim=-1)  # (bs, num_anchor, num_pts, num_cams)
+        # The compiled op's rule: a (point, camera) whose normalised x or y is not strictly inside (0, 1) is
+        # skipped at every level; otherwise pixel = loc * size - 0.5, written as the kernel computes it.
+        points = points_2d.to(dtype)
+        x, y = points[..., 0], points[..., 1]  # (bs, num_anchor, num_pts, num_cams)
+        self.mask = (x > 0) & (x < 1) & (y > 0) & (y < 1)
+        ix = x[..., None] * widths - 0.5  # (bs, num_anchor, num_pts, num_cams, num_levels)
+        iy = y[..., None] * heights - 0.5
         triple = self.mask.nonzero()  # (T, 4): b, a, p, n
         self.num = triple.shape[0]
         self.row = triple[:, 0] * num_anchor + triple[:, 1]  # (T,)
@@ -624,22 +627,23 @@ def deformable_aggregation(
     Args:
         feature_maps: one (bs, num_cams, C, H_l, W_l) tensor per level.
         points_2d: (bs, num_anchor, num_pts, num_cams, 2) key points projected into every camera, normalised
-            image coordinates (x / W, y / H); outside [0, 1] is outside the image (nothing is masked).
+            image coordinates (x / W, y / H); a (point, camera) not strictly inside (0, 1) x (0, 1) is skipped.
         weights: (bs, num_anchor, num_pts, num_cams, num_levels, num_groups); C must be divisible by num_groups.
-        backend: "auto", "torch", "reference", "cuda_ext" or "mx_driving" (see the module docstring).
+        backend: "auto", "torch", "grid_sample", "cuda_ext" or "mx_driving" (see the module docstring).
 
     Returns:
         (bs, num_anchor, C): for channel group g, the sum over points, cameras and levels of
-        weights[..., g] * grid_sample(feature_maps[level][b, cam, group g], points_2d) (zeros padding,
-        align_corners=False). Differentiable w.r.t. the feature maps, the points and the weights.
+        weights[..., g] * bilinear(feature_maps[level][b, cam, group g], points_2d) (zero padding, pixel
+        loc * size - 0.5; the "grid_sample" backend also samples the half-pixel band outside).
+        Differentiable w.r.t. the feature maps, the points and the weights.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _check_inputs(feature_maps, points_2d, weights)
     if backend == "auto":
         backend = select_backend(points_2d.device)
-    if backend == "reference":
-        return deformable_aggregation_reference(feature_maps, points_2d, weights)
+    if backend == "grid_sample":
+        return deformable_aggregation_grid_sample(feature_maps, points_2d, weights)
     if backend == "torch":
         return _torch_aggregation(feature_maps, points_2d, weights)
     if backend == "cuda_ext":
