@@ -63,11 +63,17 @@ class KeyPointsGenerator(nn.Module):
         return rotated + anchor[..., None, [X, Y, Z]]
 
     @staticmethod
-    def anchor_projection(anchor: torch.Tensor, transform: torch.Tensor, time_interval: torch.Tensor) -> torch.Tensor:
+    def anchor_projection(
+        anchor: torch.Tensor, transform: torch.Tensor, time_interval: torch.Tensor, correct_yaw: bool = False
+    ) -> torch.Tensor:
         """Move anchors (bs, n, 11) into another frame: (bs, 4, 4) transform, (bs,) seconds.
 
         The centre first moves back along the velocity by `time_interval`, then everything is
         rotated (and the centre translated) into the destination frame.
+
+        The reference writes the rotated (cos, sin) into the (SIN_YAW, COS_YAW) slots ("TODO: Fix
+        bug" in its code, kept by the Ascend port): every released checkpoint was trained on
+        temporal anchors with that swap, so it is the default. `correct_yaw` writes (sin, cos).
         """
         transform = transform.to(anchor.dtype)[:, None]  # (bs, 1, 4, 4)
         vel = anchor[..., VX:]
@@ -76,7 +82,8 @@ class KeyPointsGenerator(nn.Module):
         centre = (transform[..., :3, :3] @ centre[..., None]).squeeze(-1) + transform[..., :3, 3]
         cos_sin = (transform[..., :2, :2] @ anchor[..., [COS_YAW, SIN_YAW], None]).squeeze(-1)
         vel = (transform[..., :vel_dims, :vel_dims] @ vel[..., None]).squeeze(-1)
-        return torch.cat([centre, anchor[..., [W, L, H]], cos_sin[..., 1:], cos_sin[..., :1], vel], dim=-1)
+        yaw = torch.cat([cos_sin[..., 1:], cos_sin[..., :1]], dim=-1) if correct_yaw else cos_sin
+        return torch.cat([centre, anchor[..., [W, L, H]], yaw, vel], dim=-1)
 
 
 class DeformableFeatureAggregation(nn.Module):
@@ -105,7 +112,7 @@ class DeformableFeatureAggregation(nn.Module):
         self.embed_dims, self.num_groups, self.num_levels, self.num_cams = embed_dims, num_groups, num_levels, num_cams
         self.attn_drop = attn_drop
         self.residual_mode = residual_mode
-        self.backend = "auto"  # of model.ops.deformable_aggregation; benchmarks set "reference"
+        self.backend = "auto"  # of model.ops.deformable_aggregation; benchmarks set "grid_sample"
         self.kps_generator = KeyPointsGenerator(embed_dims, num_learnable_pts, fix_scale)
         self.num_pts = self.kps_generator.num_pts
         self.output_proj = Linear(embed_dims, embed_dims)
@@ -188,7 +195,7 @@ class AsymmetricFFN(nn.Module):
 
 
 class DenseDepthNet(nn.Module):
-    """Auxiliary dense depth from the first FPN levels, supervised by projected LiDAR (fp32)."""
+    """Auxiliary dense depth from the first FPN levels, supervised by projected LiDAR (loss in fp32)."""
 
     def __init__(
         self,
@@ -208,8 +215,8 @@ class DenseDepthNet(nn.Module):
         focal = self.equal_focal if focal is None else focal.reshape(-1)
         depths = []
         for layer, feat in zip(self.depth_layers, feature_maps[: self.num_depth_layers]):
-            with torch.autocast(device_type=feat.device.type, enabled=False):
-                depth = layer.float()(feat.flatten(end_dim=1).float()).exp()
+            # under the detector's autocast when mixed precision is on, as the reference
+            depth = layer(feat.flatten(end_dim=1).float()).exp()
             # Depth scales with the focal length: predict at a canonical focal, then rescale.
             depths.append((depth.transpose(0, -1) * focal / self.equal_focal).transpose(0, -1))
         return depths
@@ -217,8 +224,8 @@ class DenseDepthNet(nn.Module):
     def loss(self, depth_preds: list[torch.Tensor], gt_depths: list[torch.Tensor]) -> torch.Tensor:
         loss = depth_preds[0].new_zeros(())
         for pred, gt in zip(depth_preds, gt_depths):
-            pred = pred.permute(0, 2, 3, 1).reshape(-1).float()
-            gt = gt.reshape(-1).float()
+            pred = pred.permute(0, 2, 3, 1).reshape(-1)
+            gt = gt.reshape(-1)
             fg = (gt > 0.0) & ~torch.isnan(pred)
             error = (pred[fg].clip(0.0, self.max_depth) - gt[fg]).abs().sum()
             loss = loss + error / max(1.0, float(fg.sum()) * len(depth_preds)) * self.loss_weight

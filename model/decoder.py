@@ -15,8 +15,17 @@ def decode_box(box: torch.Tensor) -> torch.Tensor:
 
 
 class SparseBox3DDecoder:
-    def __init__(self, num_output: int = 300, score_threshold: float | None = None):
+    """Post-processing of the last decoder's outputs.
+
+    `cls_scores` (the class confidence before quality weighting, which the reference's tracking
+    output thresholds) keeps the reference's order by default: top-k order, not re-sorted with
+    the quality-weighted boxes, so entry i belongs to the i-th top-k candidate rather than to
+    box i. `sort_cls_scores` re-sorts it with the boxes.
+    """
+
+    def __init__(self, num_output: int = 300, score_threshold: float | None = None, sort_cls_scores: bool = False):
         self.num_output, self.score_threshold = num_output, score_threshold
+        self.sort_cls_scores = sort_cls_scores
 
     def decode(self, cls_scores, box_preds, instance_id=None, quality=None, output_idx: int = -1) -> list[dict]:
         """Lists over decoders of (bs, n, num_cls) logits, (bs, n, 11) boxes, (bs, n, 2) quality;
@@ -38,7 +47,8 @@ class SparseBox3DDecoder:
             centerness = torch.gather(quality[output_idx][..., CNS], 1, indices // num_cls)
             scores = scores * centerness.sigmoid()
             scores, order = torch.sort(scores, dim=1, descending=True)
-            scores_origin = torch.gather(scores_origin, 1, order)
+            if self.sort_cls_scores:
+                scores_origin = torch.gather(scores_origin, 1, order)
             if not squeeze_cls:
                 cls_ids = torch.gather(cls_ids, 1, order)
             if mask is not None:

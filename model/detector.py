@@ -15,19 +15,8 @@ from mmdet.models.necks import FPN
 from model.blocks import DenseDepthNet, GridMask
 from model.head import Sparse4DHead
 from model.target import SparseBox3DTarget
+from pipeline.settings import CLASSES
 
-CLASSES = (
-    "car",
-    "truck",
-    "construction_vehicle",
-    "bus",
-    "trailer",
-    "barrier",
-    "motorcycle",
-    "bicycle",
-    "pedestrian",
-    "traffic_cone",
-)
 FIX_SCALE = ((0, 0, 0), (0.45, 0, 0), (-0.45, 0, 0), (0, 0.45, 0), (0, -0.45, 0), (0, 0, 0.45), (0, 0, -0.45))
 RESNET_CHANNELS = {
     18: [64, 128, 256, 512],
@@ -54,6 +43,16 @@ class Sparse4D(nn.Module):
         self.use_grid_mask = use_grid_mask
         self.grid_mask = GridMask(True, True, rotate=1, ratio=0.5, mode=1, prob=0.7)
         self.channels_last = False
+        self.amp_dtype: torch.dtype | None = None
+
+    def set_mixed_precision(self, dtype: torch.dtype | None) -> Sparse4D:
+        """Run the image features (grid mask, backbone, neck, depth net) under autocast in `dtype`
+        (torch.float16 / torch.bfloat16; None: fp32), as the reference's `auto_fp16` on
+        `extract_feat` with `out_fp32=True`: the features leave in fp32, and the head (anchor
+        encoder, attention, key points, aggregation, refinement, instance bank) and the losses
+        always run in fp32."""
+        self.amp_dtype = dtype
+        return self
 
     def use_channels_last(self) -> Sparse4D:
         """NHWC convolutions in the backbone and neck (about 20 % faster on CPU with oneDNN); the
@@ -67,13 +66,20 @@ class Sparse4D(nn.Module):
         """img (bs, cams, 3, H, W) -> levels of (bs, cams, C, H/s, W/s) [and dense depths]."""
         bs, num_cams = img.shape[:2]
         img = img.flatten(end_dim=1)
-        if self.use_grid_mask:
-            img = self.grid_mask(img)
-        if self.channels_last:
-            img = img.contiguous(memory_format=torch.channels_last)
-        feature_maps = list(self.img_neck(self.img_backbone(img)))
-        feature_maps = [f.reshape((bs, num_cams) + f.shape[1:]) for f in feature_maps]
-        depths = self.depth_branch(feature_maps, focal) if return_depth and self.depth_branch is not None else None
+        amp = self.amp_dtype is not None
+        with torch.autocast(device_type=img.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
+            if self.use_grid_mask:
+                img = self.grid_mask(img)
+            if self.channels_last:
+                img = img.contiguous(memory_format=torch.channels_last)
+            feature_maps = list(self.img_neck(self.img_backbone(img)))
+            feature_maps = [f.reshape((bs, num_cams) + f.shape[1:]) for f in feature_maps]
+            depths = None
+            if return_depth and self.depth_branch is not None:
+                depths = self.depth_branch(feature_maps, focal)
+        if amp:  # out_fp32
+            feature_maps = [f.float() for f in feature_maps]
+            depths = [d.float() for d in depths] if depths is not None else None
         return feature_maps, depths
 
     def forward_train(self, data: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -176,7 +182,8 @@ def build_model(cfg: dict[str, Any], anchor: np.ndarray | None = None) -> Sparse
         cls_threshold_to_reg=0.05,
         cls_allow_reverse=[classes.index("barrier")] if "barrier" in classes else None,
         num_output=int(cfg.get("num_output", 300)),
-        tracking_threshold=float(cfg.get("tracking_threshold", 0.2)),
+        correct_projected_yaw=bool(cfg.get("correct_projected_yaw", False)),
+        sort_cls_scores=bool(cfg.get("sort_cls_scores", False)),
     )
     depth_layers = int(cfg.get("num_depth_layers", 3))
     depth_branch = (

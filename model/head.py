@@ -20,7 +20,7 @@ from model.blocks import AsymmetricFFN, DeformableFeatureAggregation
 from model.decoder import SparseBox3DDecoder
 from model.detection3d import AnchorEncoder, RefinementModule
 from model.instance_bank import InstanceBank
-from model.losses import SigmoidFocalLoss, SparseBox3DLoss
+from model.losses import SigmoidFocalLoss, SparseBox3DLoss, as_fp32
 from model.target import SparseBox3DTarget
 
 
@@ -62,7 +62,8 @@ class Sparse4DHead(nn.Module):
         cls_threshold_to_reg: float = 0.05,
         cls_allow_reverse: list[int] | None = None,
         num_output: int = 300,
-        tracking_threshold: float = 0.2,
+        correct_projected_yaw: bool = False,
+        sort_cls_scores: bool = False,
     ):
         super().__init__()
         self.num_decoder = num_decoder
@@ -73,12 +74,16 @@ class Sparse4DHead(nn.Module):
         temporal = num_temp_instances > 0
         self.operation_order = operation_order(num_decoder, num_single_frame_decoder, temporal)
         self.instance_bank = InstanceBank(
-            num_anchor, embed_dims, anchor, num_temp_instances, confidence_decay=confidence_decay
+            num_anchor,
+            embed_dims,
+            anchor,
+            num_temp_instances,
+            confidence_decay=confidence_decay,
+            correct_projected_yaw=correct_projected_yaw,
         )
         self.anchor_encoder = AnchorEncoder([embed_dims // 2, embed_dims // 8, embed_dims // 8, embed_dims // 4])
         self.sampler = sampler if sampler is not None else SparseBox3DTarget()
-        self.decoder = SparseBox3DDecoder(num_output=num_output)
-        self.tracking_threshold = tracking_threshold
+        self.decoder = SparseBox3DDecoder(num_output=num_output, sort_cls_scores=sort_cls_scores)
         self.loss_cls = SigmoidFocalLoss(gamma=2.0, alpha=0.25, loss_weight=2.0)
         self.loss_reg = SparseBox3DLoss(box_weight=0.25, cls_allow_reverse=cls_allow_reverse)
 
@@ -259,7 +264,9 @@ class Sparse4DHead(nn.Module):
         output.update(classification=classification, prediction=prediction, quality=quality)
         self.instance_bank.cache(instance_feature, anchor, cls, metas)
         if not self.training:
-            output["instance_id"] = self.instance_bank.get_instance_id(cls, self.tracking_threshold)
+            # as the reference: new ids for instances above the decoder's score threshold (None: all);
+            # the tracking output applies its own threshold to cls_scores later
+            output["instance_id"] = self.instance_bank.get_instance_id(cls, self.decoder.score_threshold)
         return output
 
     def loss(self, model_outs: dict, data: dict) -> dict[str, torch.Tensor]:
@@ -271,7 +278,7 @@ class Sparse4DHead(nn.Module):
         for idx, (cls, reg, qt) in enumerate(
             zip(model_outs["classification"], model_outs["prediction"], model_outs["quality"])
         ):
-            cls, reg = cls.float(), reg[..., :num_reg].float()
+            cls, reg = as_fp32(cls), as_fp32(reg[..., :num_reg])
             cls_target, reg_target, reg_weights = self.sampler.sample(
                 cls, reg, data["gt_labels_3d"], data["gt_bboxes_3d"]
             )
@@ -310,9 +317,9 @@ class Sparse4DHead(nn.Module):
                 dn = self._prepare_dn(model_outs, prefix="temp_")
             valid, cls_target, reg_target, pos, reg_weights, num_dn_pos = dn
             output[f"loss_cls_dn_{idx}"] = self.loss_cls(
-                cls.float().flatten(end_dim=1)[valid], cls_target, avg_factor=num_dn_pos
+                as_fp32(cls).flatten(end_dim=1)[valid], cls_target, avg_factor=num_dn_pos
             )
-            pred = reg.float().flatten(end_dim=1)[valid][pos][..., :num_reg]
+            pred = as_fp32(reg).flatten(end_dim=1)[valid][pos][..., :num_reg]
             output.update(
                 self.loss_reg(pred, reg_target, weight=reg_weights, avg_factor=num_dn_pos, suffix=f"_dn_{idx}")
             )
@@ -321,9 +328,9 @@ class Sparse4DHead(nn.Module):
     def _prepare_dn(self, model_outs: dict, prefix: str = ""):
         valid = model_outs[f"{prefix}dn_valid_mask"].flatten(end_dim=1)
         cls_target = model_outs[f"{prefix}dn_cls_target"].flatten(end_dim=1)[valid]
-        reg_target = (
-            model_outs[f"{prefix}dn_reg_target"].flatten(end_dim=1)[valid][..., : len(self.reg_weights)].float()
-        )
+        reg_target = as_fp32(model_outs[f"{prefix}dn_reg_target"]).flatten(end_dim=1)[valid][
+            ..., : len(self.reg_weights)
+        ]
         pos = cls_target >= 0
         reg_target = reg_target[pos]
         reg_weights = reg_target.new_tensor(self.reg_weights)[None].tile(reg_target.shape[0], 1)

@@ -35,8 +35,10 @@ class InstanceBank(nn.Module):
         confidence_decay: float = 0.6,
         max_time_interval: float = 2.0,
         feat_grad: bool = False,
+        correct_projected_yaw: bool = False,
     ):
         super().__init__()
+        self.correct_projected_yaw = correct_projected_yaw  # see KeyPointsGenerator.anchor_projection
         self.embed_dims = embed_dims
         self.num_temp_instances = num_temp_instances
         self.default_time_interval = default_time_interval
@@ -82,11 +84,14 @@ class InstanceBank(nn.Module):
                     ]
                 )
             )
-            self.cached_anchor = self.anchor_handler.anchor_projection(self.cached_anchor, temp2cur, -time_interval)
+            fix = self.correct_projected_yaw
+            self.cached_anchor = self.anchor_handler.anchor_projection(
+                self.cached_anchor, temp2cur, -time_interval, fix
+            )
             if dn_metas is not None and batch_size == dn_metas["dn_anchor"].shape[0]:
                 num_dn_group, num_dn = dn_metas["dn_anchor"].shape[1:3]
                 moved = self.anchor_handler.anchor_projection(
-                    dn_metas["dn_anchor"].flatten(1, 2), temp2cur, -time_interval
+                    dn_metas["dn_anchor"].flatten(1, 2), temp2cur, -time_interval, fix
                 )
                 dn_metas["dn_anchor"] = moved.reshape(batch_size, num_dn_group, num_dn, -1)
             time_interval = torch.where(
@@ -139,7 +144,9 @@ class InstanceBank(nn.Module):
         )
 
     def get_instance_id(self, confidence: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
-        """Tracking ids (bs, n): carried-over instances keep theirs, confident new ones get new ids."""
+        """Tracking ids (bs, n): carried-over instances keep theirs, new ones get new ids (only those
+        with confidence >= threshold when one is given; the reference passes the decoder's
+        score_threshold, None in its config, so every new instance gets an id)."""
         confidence = confidence.max(dim=-1).values.sigmoid()
         instance_id = confidence.new_full(confidence.shape, -1).long()
         if self.instance_id is not None and self.instance_id.shape[0] == instance_id.shape[0]:

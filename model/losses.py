@@ -11,6 +11,11 @@ from mmdet.models.losses import CrossEntropyLoss, GaussianFocalLoss, L1Loss
 from model.box3d import CNS, COS_YAW, SIN_YAW, YNS, X, Y, Z
 
 
+def as_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Half precision up to fp32, anything else as it is (mmcv's `force_fp32`: float64 stays)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class SigmoidFocalLoss(nn.Module):
     """Sigmoid focal loss over (n, num_cls) logits and (n,) class indices.
 
@@ -25,7 +30,7 @@ class SigmoidFocalLoss(nn.Module):
         self.gamma, self.alpha, self.loss_weight = gamma, alpha, loss_weight
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, avg_factor: float | torch.Tensor) -> torch.Tensor:
-        pred = pred.float()
+        pred = as_fp32(pred)
         num_cls = pred.shape[-1]
         classes = torch.arange(num_cls, device=pred.device)
         positive = (target[:, None] == classes[None]).to(pred.dtype)  # (n, num_cls)
@@ -49,7 +54,7 @@ class SparseBox3DLoss(nn.Module):
         self, box, box_target, weight=None, avg_factor=None, suffix="", quality=None, cls_target=None
     ) -> dict[str, torch.Tensor]:
         """box, box_target, weight (n, 10) encoded; quality (n, 2) logits; cls_target (n,)."""
-        box, box_target = box.float(), box_target.float()
+        box, box_target = as_fp32(box), as_fp32(box_target)
         if self.cls_allow_reverse is not None and cls_target is not None:
             yaw_t = box_target[..., [SIN_YAW, COS_YAW]]
             reverse = nn.functional.cosine_similarity(yaw_t, box[..., [SIN_YAW, COS_YAW]], dim=-1) < 0
@@ -58,7 +63,7 @@ class SparseBox3DLoss(nn.Module):
             box_target[..., [SIN_YAW, COS_YAW]] = torch.where(reverse[..., None], -yaw_t, yaw_t)
         output = {f"loss_box{suffix}": self.loss_box(box, box_target, weight=weight, avg_factor=avg_factor)}
         if quality is not None:
-            quality = quality.float()
+            quality = as_fp32(quality)
             # As the reference: the centerness target is built from the prediction itself, with
             # gradients (the Ascend port detaches it; we keep the reference's maths).
             cns_target = torch.exp(-torch.norm(box_target[..., [X, Y, Z]] - box[..., [X, Y, Z]], p=2, dim=-1))

@@ -141,8 +141,10 @@ class SparseBox3DTarget:
         scale = box_t.new_tensor(self.dn_noise_scale)
         dn_anchor = box_t + (torch.rand_like(box_t) * 2 - 1) * scale
         if self.add_neg_dn:
+            # the reference's draw order: magnitudes first, then signs (a seeded step equals the reference's)
+            magnitude = torch.rand_like(box_t) + 1
             sign = torch.where(torch.rand_like(box_t) > 0.5, box_t.new_tensor(1.0), box_t.new_tensor(-1.0))
-            dn_anchor = torch.cat([dn_anchor, box_t + (torch.rand_like(box_t) + 1) * sign * scale], dim=1)
+            dn_anchor = torch.cat([dn_anchor, box_t + magnitude * sign * scale], dim=1)
             num_gt *= 2
         dn_box = torch.zeros_like(dn_anchor)
         dn_cls = torch.full_like(cls_t, -3)

@@ -193,3 +193,36 @@ def test_backbone_checkpoint_consumes_every_key(tiny, tmp_path):
     torch.save(weights, path)
     with pytest.raises(ValueError, match="layer9.weight"):
         tiny.load_backbone_weights(path)
+
+
+def test_mixed_precision_runs_only_the_image_features_in_half(tiny):
+    """As the reference's auto_fp16 on extract_feat (out_fp32) and force_fp32 elsewhere: under
+    bf16 the backbone and neck compute in bf16, every head module and the losses see fp32."""
+    tiny.set_mixed_precision(torch.bfloat16)
+    seen: dict[str, set] = {"backbone": set(), "head": set()}
+
+    def record(part):
+        def hook(module, inputs, output):
+            outs = output if isinstance(output, (tuple, list)) else (output,)
+            seen[part].update(str(t.dtype) for t in outs if isinstance(t, torch.Tensor))
+
+        return hook
+
+    handles = [
+        m.register_forward_hook(record("backbone"))
+        for m in tiny.img_backbone.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
+    handles += [m.register_forward_hook(record("head")) for m in tiny.head.layers]
+    handles.append(tiny.head.anchor_encoder.register_forward_hook(record("head")))
+    try:
+        tiny.train()
+        losses = tiny(make_batch())
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen["backbone"] == {"torch.bfloat16"}
+    assert seen["head"] == {"torch.float32"}
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in tiny.parameters())
