@@ -21,8 +21,9 @@ import numpy as np
 from pyquaternion import Quaternion
 from tqdm import tqdm
 
+from pipeline.settings import VERSIONS
+
 CAMERA_TYPES = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
-VERSIONS = ("v1.0-trainval", "v1.0-test", "v1.0-mini")
 NAME_MAPPING = {
     "movable_object.barrier": "barrier",
     "vehicle.bicycle": "bicycle",

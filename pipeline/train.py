@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from pipeline.devices import Dist, autocast, grad_scaler, init_distributed, resolve_device
 from pipeline.params import write_bytes_atomic, write_json_atomic
+from pipeline.settings import REFERENCE_BATCH, identity_params
 
 
 class TrainError(RuntimeError):
@@ -102,7 +103,25 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
+def scaled_lr(lr: float, total_batch: int, rule: str) -> float:
+    """train.lr for a global batch other than the reference's 48 (train.lr_scaling).
+
+    reference: x2/3 per halving of the batch (x3/2 per doubling), the rule the reference's
+    maintainer gives users with fewer devices: lr * (batch / 48) ** log2(3/2), between sqrt and
+    linear. AdamW normalises each update by the gradient's scale, so the batch changes the noise
+    of an update more than its size: sqrt, lr * sqrt(batch / 48), is the usual rule for Adam;
+    linear, lr * batch / 48 (Goyal et al., for SGD), shrinks it most. none: lr as written.
+    """
+    ratio = total_batch / REFERENCE_BATCH
+    exponent = {"none": 0.0, "reference": math.log2(1.5), "linear": 1.0, "sqrt": 0.5}.get(rule)
+    if exponent is None:
+        raise TrainError(f"train.lr_scaling: expected none, reference, linear or sqrt, got {rule!r}")
+    return lr * ratio**exponent
+
+
 def config_fingerprint(*parts: Any) -> str:
+    """Digest of what decides the trained model; callers pass params through identity_params, so
+    a launch setting (pipeline.settings.LAUNCH_KEYS) does not stop a checkpoint from resuming."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -219,7 +238,11 @@ def train(
             f"model.num_anchor is {mp['num_anchor']} but {anchors} holds {len(anchor)} anchors (anchors.num_anchor)"
         )
     fingerprint = config_fingerprint(
-        tp, mp, dp, file_digest(infos), file_digest(anchors), code_digest(), dist.world_size
+        identity_params({"train": tp, "model": mp, "data": dp}),
+        file_digest(infos),
+        file_digest(anchors),
+        code_digest(),
+        dist.world_size,
     )
 
     model = build_model(dict(mp), anchor).to(dist.device)
@@ -230,7 +253,9 @@ def train(
         model.load_backbone_weights(Path(backbone_manifest).parent / manifest["file"])
     backbone = [p for n, p in model.named_parameters() if n.startswith("img_backbone") and p.requires_grad]
     others = [p for n, p in model.named_parameters() if not n.startswith("img_backbone") and p.requires_grad]
-    lr = float(tp["lr"])
+    lr = scaled_lr(float(tp["lr"]), total_batch, str(tp["lr_scaling"]))
+    if dist.main and lr != float(tp["lr"]):
+        print(f"train: lr {lr:.4g} (train.lr {tp['lr']} scaled to batch {total_batch}, train.lr_scaling)")
     optimizer = torch.optim.AdamW(
         [{"params": backbone, "lr_mult": float(tp["backbone_lr_mult"])}, {"params": others, "lr_mult": 1.0}],
         lr=lr,

@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         start = time.perf_counter()
         counts = write_twin(cfg, args.out)
-    except (TwinConfigError, ParamsError) as err:
+    except ParamsError as err:
+        print(f"synthesize: {err}", file=sys.stderr)  # names the file already
+        return 2
+    except TwinConfigError as err:
         print(f"synthesize: {args.params}: {err}", file=sys.stderr)
         return 2
     except KeyError as err:

@@ -34,8 +34,9 @@ TINY_AUG = dict(H=360, W=640, final_dim=[64, 176], resize_lim=[0.27, 0.3], bot_p
 
 def tiny_params(**train) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"] = dict(TINY_MODEL)
-    params["data"] = {"aug": dict(TINY_AUG), "sequences_split_num": 2}
+    params["model"].update(TINY_MODEL)
+    # the data settings' code defaults before they were params: photometric distortion, exact images
+    params["data"].update(aug=dict(TINY_AUG), sequences_split_num=2, photometric=True, fast_images=False)
     params["train"].update(
         device="cpu", devices=1, total_batch_size=2, iterations=6, warmup_iters=2, checkpoint_interval=2, num_workers=0
     )

@@ -13,19 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# The 10 detection classes in Sparse4D's order.
-CLASSES = (
-    "car",
-    "truck",
-    "construction_vehicle",
-    "bus",
-    "trailer",
-    "barrier",
-    "motorcycle",
-    "bicycle",
-    "pedestrian",
-    "traffic_cone",
-)
+from pipeline.settings import CLASSES  # the 10 detection classes in Sparse4D's order
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from PIL import Image
 from pyquaternion import Quaternion
 from tqdm import tqdm
 
+from pipeline.settings import ANNOTATED_VERSIONS as VERSIONS  # the twin writes boxes: not v1.0-test
 from pipeline.twin.render import CameraRenderer, cast_lidar, lidar_rays
 from pipeline.twin.world import (
     ALL_CATEGORIES,
@@ -42,7 +43,6 @@ from pipeline.twin.world import (
     yaw_quaternion,
 )
 
-VERSIONS = ("v1.0-mini", "v1.0-trainval")
 TABLES = (
     "attribute",
     "calibrated_sensor",
