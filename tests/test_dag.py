@@ -1,0 +1,200 @@
+"""dvc.yaml lists exactly the code each stage runs, the params it reads, and evaluating a
+checkpoint from elsewhere trains nothing."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.settings import LAUNCH_KEYS, SCHEMA
+from tests.conftest import ROOT
+
+PACKAGES = ("pipeline", "model")
+
+
+def dvc_stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def module_file(name: str) -> Path | None:
+    """The in-repo file of a dotted module name (a package's __init__.py), or None."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def module_level(tree: ast.AST):
+    """The nodes that run when a module is imported: everything but function bodies."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            todo.extend(ast.iter_child_nodes(node))
+
+
+def imported_modules(path: Path, lazy: bool = True) -> set[str]:
+    """Dotted names a file imports, with lazy imports in its functions unless `lazy` is False,
+    plus string constants that name an in-repo module: the workers run_workers starts
+    ("pipeline.train")."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    names: set[str] = set()
+    for node in ast.walk(tree) if lazy else module_level(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            names.add(base)
+            # `from pkg import module` imports the module; a name that is no module is dropped
+            names.update(f"{base}.{alias.name}" for alias in node.names if module_file(f"{base}.{alias.name}"))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value:
+            if module_file(node.value):
+                names.add(node.value)
+    return names
+
+
+def code_closure(script: Path) -> set[str]:
+    """Repo-relative paths of every in-repo file a stage script runs, transitively, with the
+    packages' __init__.py that hold more than a docstring. A module named by an import counts
+    with the imports inside its functions (what is imported from it gets called); a parent
+    package that `import pkg.mod` runs on the way counts with its module-level imports only."""
+    seen: dict[Path, bool] = {}
+    todo = [(script, True)]
+    while todo:
+        path, lazy = todo.pop()
+        if seen.get(path) is True or seen.get(path) == lazy:
+            continue
+        seen[path] = lazy
+        for name in imported_modules(path, lazy):
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):
+                found = module_file(".".join(parts[:i]))
+                if found:
+                    todo.append((found, i == len(parts)))
+    return {p.relative_to(ROOT).as_posix() for p in seen if not trivial_init(p)}
+
+
+def trivial_init(path: Path) -> bool:
+    if path.name != "__init__.py":
+        return False
+    body = ast.parse(path.read_text()).body
+    return all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body)
+
+
+def covered(path: str, deps: list[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+@pytest.mark.parametrize("stage", sorted(dvc_stages()))
+def test_code_deps_are_exactly_what_the_stage_imports(stage):
+    spec = dvc_stages()[stage]
+    script = ROOT / "stages" / f"{stage}.py"
+    assert f"stages/{stage}.py" in spec["cmd"].split(), f"{stage}: cmd does not run {script.name}"
+    code = code_closure(script)
+    deps = [str(d) for d in spec["deps"]]
+    missing = sorted(p for p in code if not covered(p, deps))
+    assert not missing, f"dvc.yaml stage {stage}: add to deps: {missing}"
+    code_deps = [d for d in deps if d.split("/")[0] in ("stages", *PACKAGES)]
+    unused = [d for d in code_deps if not any(covered(p, [d]) for p in code)]
+    assert not unused, f"dvc.yaml stage {stage}: deps the stage never imports: {unused}"
+
+
+def test_code_closure_follows_workers_and_lazy_imports():
+    """The derivation itself: the train stage's script starts pipeline.train by name, which
+    imports the model inside a function; both must be found."""
+    code = code_closure(ROOT / "stages" / "train.py")
+    assert {"pipeline/train.py", "model/detector.py", "model/head.py", "pipeline/settings.py"} <= code
+
+
+def test_train_tracks_every_identity_setting_and_no_launch_setting():
+    """A launch setting (workers, ports, checkpoint interval) does not rerun training; every
+    other train, model and data setting does."""
+    listed = dvc_stages()["train"]["params"]
+    tracked = set()
+    for entry in listed:
+        section, _, key = str(entry).partition(".")
+        keys = [key] if key else list(SCHEMA[section])
+        tracked.update(f"{section}.{k}" for k in keys)
+    launch = {f"train.{k}" for k in LAUNCH_KEYS["train"]}
+    identity = {f"{s}.{k}" for s in ("train", "model", "data") for k in SCHEMA[s]} - launch
+    assert not tracked & launch, f"launch settings tracked by the train stage: {sorted(tracked & launch)}"
+    assert identity <= tracked, f"settings the train stage reads but dvc.yaml does not list: {identity - tracked}"
+
+
+def test_evaluate_scores_the_checkpoint_its_param_names():
+    spec = dvc_stages()["evaluate"]
+    assert "${evaluate.checkpoint}" in spec["deps"]
+    assert "--checkpoint ${evaluate.checkpoint}" in spec["cmd"]
+    assert "runs/train/model.pth" not in spec["deps"] and "runs/train/model.pth" not in spec["cmd"]
+
+
+# ---------------------------------------------------------------- DVC itself, in a copy of the project
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A git + DVC copy of the project's tracked and new files (no data, no venv)."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    work = tmp_path / "project"
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, work / name)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "project"]):
+        subprocess.run(cmd, cwd=work, check=True, capture_output=True)
+    return work
+
+
+def dvc(work: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=work, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_evaluating_an_external_checkpoint_runs_no_training(project):
+    """`dvc exp run -S evaluate.checkpoint=...` (here: the params file edited) plans the data
+    stages and evaluate, never backbone or train; the default plans train first. A dry run
+    hashes the deps, so each stage's inputs are stood in for by tiny files."""
+    for fake in (
+        "data/nuscenes/v1.0-mini/scene.json",
+        "data/infos/nuscenes_infos_train.pkl",
+        "data/infos/nuscenes_infos_val.pkl",
+        "data/anchors/nuscenes_kmeans.npy",
+        "ckpt/backbone.json",
+        "runs/train/model.pth",
+    ):
+        (project / fake).parent.mkdir(parents=True, exist_ok=True)
+        (project / fake).write_text("stand-in")
+    default = dvc(project, "repro", "--dry", "evaluate")
+    assert "Running stage 'train'" in default and "Running stage 'evaluate'" in default
+    (project / "weights").mkdir()
+    (project / "weights" / "sparse4dv3_r50.pth").write_bytes(b"weights")
+    params = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(
+        params.replace("checkpoint: runs/train/model.pth", "checkpoint: weights/sparse4dv3_r50.pth")
+    )
+    external = dvc(project, "repro", "--dry", "evaluate")
+    assert "Running stage 'evaluate'" in external
+    assert "Running stage 'train'" not in external and "Running stage 'backbone'" not in external
+    assert "weights/sparse4dv3_r50.pth" in external
