@@ -198,3 +198,58 @@ def test_evaluating_an_external_checkpoint_runs_no_training(project):
     assert "Running stage 'evaluate'" in external
     assert "Running stage 'train'" not in external and "Running stage 'backbone'" not in external
     assert "weights/sparse4dv3_r50.pth" in external
+
+
+def stand_ins(project: Path) -> None:
+    """A tiny file (or folder with one) at every dep and out of every stage that is not there."""
+    rendered = yaml.safe_load((project / "params.yaml").read_text())
+    for spec in yaml.safe_load((project / "dvc.yaml").read_text())["stages"].values():
+        paths = [*spec.get("deps", [])]
+        for kind in ("outs", "metrics", "plots"):
+            paths += [next(iter(e)) if isinstance(e, dict) else e for e in spec.get(kind, [])]
+        for path in paths:
+            path = str(path)
+            if path.startswith("${"):
+                section, key = path[2:-1].split(".")
+                path = rendered[section][key]
+            target = project / path
+            if target.exists():
+                continue
+            if target.suffix:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(f"stand-in for {path}")
+            else:
+                target.mkdir(parents=True)
+                (target / "stand-in").write_text(path)
+
+
+def changed_stages(project: Path) -> set[str]:
+    import json
+
+    return {name.split(":")[-1] for name in json.loads(dvc(project, "status", "--json"))}
+
+
+def test_dvc_status_follows_code_and_model_settings_not_launch_settings(project):
+    """With every stage's outputs recorded (`dvc commit` over stand-ins), `dvc status` reports a
+    stage when code it imports changes, and train when a setting of the model's maths changes;
+    a launch setting changes nothing."""
+    stand_ins(project)
+    dvc(project, "commit", "--force")
+    assert changed_stages(project) == set()
+    params = project / "params.yaml"
+    original = params.read_text()
+
+    def with_train(**change) -> set[str]:
+        data = yaml.safe_load(original)
+        data["train"].update(change)
+        params.write_text(yaml.safe_dump(data))
+        try:
+            return changed_stages(project)
+        finally:
+            params.write_text(original)
+
+    assert with_train(num_workers=7, master_port=29999, checkpoint_interval=5, node_rank=0) == set()
+    assert with_train(lr=1e-4) == {"train"}
+    settings = project / "pipeline" / "settings.py"
+    settings.write_text(settings.read_text() + "\n# a change\n")
+    assert changed_stages(project) == {"synthesize", "convert", "anchors", "backbone", "train", "evaluate"}
