@@ -1,5 +1,5 @@
-"""DVC stage `evaluate`: inference over the val infos, official nuScenes detection metrics, charts
-and pictures; distributed with torchrun when evaluate.devices > 1."""
+"""DVC stage `evaluate`: inference over the val infos, official nuScenes detection and tracking
+metrics, charts and pictures; distributed with torchrun when evaluate.devices > 1."""
 
 from __future__ import annotations
 

@@ -1,0 +1,305 @@
+"""Pictures of the evaluate stage, for a person to look at.
+
+A frame: the six cameras in their physical arrangement (front-left, front, front-right over
+back-left, back, back-right) with the predicted boxes (a colour per track id, labelled
+"#id class score") and the ground truth (white), beside a bird's-eye view in the ego frame
+(forward up) where every box carries a heading mark. A scene: the bird's-eye paths of its
+ground-truth tracks beside those of the predicted tracks, in the global frame.
+
+Boxes arrive in the LiDAR frame as the model writes them: x, y, z (centre), l, w, h, yaw, ...
+(l along the heading). Drawing uses OpenCV on reduced-size JPEG decodes, so a frame costs a
+fraction of a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+from pyquaternion import Quaternion
+
+CAMERA_GRID = (
+    ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT"),
+    ("CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT"),
+)
+GT_RGB = (255, 255, 255)
+BACKGROUND = "#1e1e1e"
+# tab20 without its two greys (too close to the ground truth's white): one colour per track id
+PALETTE = [
+    (31, 119, 180), (174, 199, 232), (255, 127, 14), (255, 187, 120), (44, 160, 44), (152, 223, 138),
+    (214, 39, 40), (255, 152, 150), (148, 103, 189), (197, 176, 213), (140, 86, 75), (196, 156, 148),
+    (227, 119, 194), (247, 182, 210), (188, 189, 34), (219, 219, 141), (23, 190, 207), (158, 218, 229),
+]  # fmt: skip
+# corners 0-3: the front face (+l/2 along the heading), 4-7: the back face
+EDGES = ((0, 1), (1, 2), (2, 3), (3, 0), (4, 5), (5, 6), (6, 7), (7, 4), (0, 4), (1, 5), (2, 6), (3, 7))
+FRONT_CROSS = ((0, 2), (1, 3))
+TILE_WIDTH = 640  # pixels per camera in the mosaic
+
+
+def color_of(key: int) -> tuple[int, int, int]:
+    return PALETTE[int(key) % len(PALETTE)]
+
+
+def box_corners(boxes: np.ndarray) -> np.ndarray:
+    """(n, >=7) x, y, z, l, w, h, yaw -> (n, 8, 3) corners in the same frame."""
+    signs = np.array(
+        [[1, 1, 1], [1, -1, 1], [1, -1, -1], [1, 1, -1], [-1, 1, 1], [-1, -1, 1], [-1, -1, -1], [-1, 1, -1]], float
+    )
+    local = signs[None] * boxes[:, None, 3:6] / 2  # (n, 8, 3)
+    cos, sin = np.cos(boxes[:, 6])[:, None], np.sin(boxes[:, 6])[:, None]
+    x = cos * local[..., 0] - sin * local[..., 1]
+    y = sin * local[..., 0] + cos * local[..., 1]
+    return np.stack([x, y, local[..., 2]], axis=-1) + boxes[:, None, :3]
+
+
+def heading_segments(boxes: np.ndarray) -> np.ndarray:
+    """(n, >=7) boxes -> (n, 2, 2): from the centre to the middle of the front face, x-y plane."""
+    front = boxes[:, :2] + boxes[:, 3:4] / 2 * np.stack([np.cos(boxes[:, 6]), np.sin(boxes[:, 6])], axis=1)
+    return np.stack([boxes[:, :2], front], axis=1)
+
+
+def footprints(boxes: np.ndarray) -> np.ndarray:
+    """(n, >=7) boxes -> (n, 5, 2) closed bottom outlines, x-y plane."""
+    return box_corners(boxes)[:, [0, 1, 5, 4, 0], :2]
+
+
+def to_frame(boxes: np.ndarray, rotation: Sequence[float], translation: Sequence[float]) -> np.ndarray:
+    """(n, >=7) boxes moved by a rigid transform (quaternion, translation) about z (yaw only)."""
+    q = Quaternion(list(rotation))
+    out = boxes[:, :7].astype(np.float64).copy()
+    out[:, :3] = boxes[:, :3] @ q.rotation_matrix.T + np.asarray(translation)
+    out[:, 6] = boxes[:, 6] + q.yaw_pitch_roll[0]
+    return out
+
+
+def _label(img: np.ndarray, text: str, org: tuple[int, int], rgb: tuple[int, int, int], scale: float = 0.4) -> None:
+    """Text on a dark plate, kept inside the image."""
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    x = int(np.clip(org[0], 0, max(0, img.shape[1] - tw - 2)))
+    y = int(np.clip(org[1], th + 2, img.shape[0] - base))
+    cv2.rectangle(img, (x, y - th - 2), (x + tw + 2, y + base), (20, 20, 20), -1)
+    cv2.putText(img, text, (x + 1, y), cv2.FONT_HERSHEY_SIMPLEX, scale, rgb, 1, cv2.LINE_AA)
+
+
+REDUCED_READ = {
+    1: cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
+
+
+def read_reduced(path: str, width: int) -> tuple[np.ndarray, float]:
+    """RGB image decoded at 1/2, 1/4 or 1/8 size when that still leaves >= `width` pixels
+    (JPEG decodes that much faster); returns it and its scale to the full image."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            full_width = im.width  # the header only
+    except OSError as err:
+        raise FileNotFoundError(f"{path}: camera image missing or unreadable ({err})") from err
+    factor = max(f for f in REDUCED_READ if f == 1 or full_width / f >= width)
+    img = cv2.imread(path, REDUCED_READ[factor])
+    if img is None:
+        raise FileNotFoundError(f"{path}: camera image unreadable")
+    return np.ascontiguousarray(img[..., ::-1]), img.shape[1] / full_width
+
+
+def camera_tile(
+    cam: dict,
+    gt_boxes: np.ndarray,
+    pred_boxes: np.ndarray,
+    pred_colors: list[tuple[int, int, int]],
+    pred_labels: list[str],
+    width: int = TILE_WIDTH,
+) -> np.ndarray:
+    """One camera image (RGB, `width` wide) with ground-truth and predicted boxes (LiDAR frame)
+    projected through its calibration; boxes reaching behind the camera are left out."""
+    img, scale = read_reduced(cam["data_path"], width)
+    rot = np.asarray(cam["sensor2lidar_rotation"], np.float64)
+    trans = np.asarray(cam["sensor2lidar_translation"], np.float64)
+    intrinsic = np.asarray(cam["cam_intrinsic"], np.float64).copy()
+    intrinsic[:2] *= scale
+    thickness = max(1, round(img.shape[1] / 640))
+
+    def project(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if len(boxes) == 0:
+            return np.zeros((0, 8, 2)), np.zeros(0, bool)
+        cam_pts = (box_corners(boxes) - trans) @ rot  # (n, 8, 3): LiDAR -> camera
+        depth = cam_pts[..., 2]
+        uv = cam_pts @ intrinsic.T
+        uv = uv[..., :2] / np.maximum(uv[..., 2:3], 1e-6)
+        inside = (uv[..., 0] > -img.shape[1]) & (uv[..., 0] < 2 * img.shape[1]) & (uv[..., 1] < 2 * img.shape[0])
+        return uv, (depth > 0.5).all(axis=1) & inside.any(axis=1)
+
+    gt_uv, gt_ok = project(gt_boxes)
+    for uv in gt_uv[gt_ok]:
+        pts = np.round(uv).astype(np.int32)
+        for a, b in EDGES + FRONT_CROSS:
+            cv2.line(img, tuple(pts[a]), tuple(pts[b]), GT_RGB, 1, cv2.LINE_AA)
+    pred_uv, pred_ok = project(pred_boxes)
+    for i in np.flatnonzero(pred_ok):
+        pts = np.round(pred_uv[i]).astype(np.int32)
+        for a, b in EDGES + FRONT_CROSS:
+            cv2.line(img, tuple(pts[a]), tuple(pts[b]), pred_colors[i], thickness, cv2.LINE_AA)
+    for i in np.flatnonzero(pred_ok):
+        top = pred_uv[i][np.argmin(pred_uv[i][:, 1])]
+        if 0 <= top[0] < img.shape[1] and top[1] < img.shape[0]:
+            _label(img, pred_labels[i], (int(top[0]), int(top[1]) - 3), pred_colors[i])
+    if img.shape[1] != width:
+        img = cv2.resize(img, (width, round(img.shape[0] * width / img.shape[1])), interpolation=cv2.INTER_AREA)
+    return img
+
+
+def camera_mosaic(info: dict, gt_boxes: np.ndarray, pred_boxes: np.ndarray, colors: list, labels: list) -> np.ndarray:
+    """The six cameras as they sit on the car: front row over back row, left to right."""
+    rows = []
+    for row in CAMERA_GRID:
+        tiles = []
+        for name in row:
+            if name not in info["cams"]:
+                raise KeyError(f"sample {info['token']}: no {name} in the info's cams")
+            tile = camera_tile(info["cams"][name], gt_boxes, pred_boxes, colors, labels)
+            _label(tile, name, (4, 16), (240, 240, 240), 0.5)
+            tiles.append(tile)
+        height = min(t.shape[0] for t in tiles)
+        rows.append(np.concatenate([t[:height] for t in tiles], axis=1))
+    gap = np.zeros((4, rows[0].shape[1], 3), np.uint8)
+    return np.concatenate([rows[0], gap, rows[1]], axis=0)
+
+
+def _figure_to_array(fig) -> np.ndarray:
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def birds_eye(
+    gt_boxes: np.ndarray, pred_boxes: np.ndarray, colors: list, size_px: int, extent: float = 55.0
+) -> np.ndarray:
+    """Ego-frame boxes (forward up, left on the left) with heading marks, as an RGB array."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    def view(xy: np.ndarray) -> np.ndarray:  # ego (x forward, y left) -> plot (right, up)
+        return np.stack([-xy[..., 1], xy[..., 0]], axis=-1)
+
+    dpi = 100
+    fig, ax = plt.subplots(figsize=(size_px / dpi, size_px / dpi), dpi=dpi)
+    fig.patch.set_facecolor(BACKGROUND)
+    ax.set_facecolor(BACKGROUND)
+    for radius in (20, 40):
+        ax.add_patch(plt.Circle((0, 0), radius, fill=False, color="#555555", linewidth=0.6, linestyle=":"))
+    if len(gt_boxes):
+        ax.add_collection(LineCollection(list(view(footprints(gt_boxes))), colors="white", linewidths=0.9))
+        ax.add_collection(LineCollection(list(view(heading_segments(gt_boxes))), colors="white", linewidths=0.9))
+    if len(pred_boxes):
+        rgb = [tuple(c / 255 for c in color) for color in colors]
+        ax.add_collection(LineCollection(list(view(footprints(pred_boxes))), colors=rgb, linewidths=1.4))
+        ax.add_collection(LineCollection(list(view(heading_segments(pred_boxes))), colors=rgb, linewidths=1.4))
+    ax.add_patch(plt.Rectangle((-0.95, -2.3), 1.9, 4.6, color="#bbbbbb"))  # the ego car, forward up
+    ax.set_xlim(-extent, extent)
+    ax.set_ylim(-extent, extent)
+    ax.set_aspect("equal")
+    ax.tick_params(colors="#aaaaaa", labelsize=7)
+    for spine in ax.spines.values():
+        spine.set_color("#555555")
+    ax.set_title("bird's-eye view, ego frame (m), forward up", color="#dddddd", fontsize=9)
+    fig.tight_layout(pad=0.4)
+    out = _figure_to_array(fig)
+    plt.close(fig)
+    return out
+
+
+def draw_frame(
+    info: dict,
+    result: dict,
+    classes: list[str],
+    score_threshold: float,
+    path: str,
+    title: str = "",
+) -> None:
+    """One frame as a PNG: the camera mosaic beside the bird's-eye view (see the module doc)."""
+    keep = np.flatnonzero(np.asarray(result["scores_3d"]) >= score_threshold)
+    pred = np.asarray(result["boxes_3d"], np.float64)[keep].reshape(-1, np.shape(result["boxes_3d"])[-1])
+    labels = np.asarray(result["labels_3d"])[keep]
+    scores = np.asarray(result["scores_3d"])[keep]
+    ids = np.asarray(result["instance_ids"])[keep] if "instance_ids" in result else None
+    colors = [color_of(ids[i] if ids is not None else labels[i]) for i in range(len(keep))]
+    texts = [
+        (f"#{int(ids[i])} " if ids is not None and ids[i] >= 0 else "") + f"{classes[int(labels[i])]} {scores[i]:.2f}"
+        for i in range(len(keep))
+    ]
+    gt = np.asarray(info.get("gt_boxes", np.zeros((0, 7))), np.float64).reshape(-1, 7)
+    mosaic = camera_mosaic(info, gt, pred, colors, texts)
+    l2e = (info["lidar2ego_rotation"], info["lidar2ego_translation"])
+    bev = birds_eye(to_frame(gt, *l2e), to_frame(pred, *l2e), colors, mosaic.shape[0])
+    canvas = np.concatenate([mosaic, np.zeros((mosaic.shape[0], 4, 3), np.uint8), bev[: mosaic.shape[0]]], axis=1)
+    header = np.full((26, canvas.shape[1], 3), 30, np.uint8)
+    legend = (
+        f"{title}   predictions (score >= {score_threshold:.2f}): a colour per track id, '#id class score'"
+        "   ground truth: white   heading: the front face's cross / the line to the front"
+    )
+    cv2.putText(header, legend.strip(), (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (235, 235, 235), 1, cv2.LINE_AA)
+    write_png(path, np.concatenate([header, canvas], axis=0))
+
+
+def draw_tracks(scene_infos: list[dict], gt_tracks: dict, pred_tracks: dict, path: str, title: str = "") -> None:
+    """The tracks of one scene, global frame: ground truth (left) beside prediction (right).
+    `*_tracks`: track id -> list of (frame index, (>=7,) global box x, y, z, l, w, h, yaw)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    ego = np.array([info["ego2global_translation"][:2] for info in scene_infos], np.float64)
+    points = [ego] + [np.array([b[:2] for _, b in t]) for tracks in (gt_tracks, pred_tracks) for t in tracks.values()]
+    allxy = np.concatenate(points, axis=0)
+    centre = (allxy.min(axis=0) + allxy.max(axis=0)) / 2
+    half = max(20.0, float((allxy.max(axis=0) - allxy.min(axis=0)).max()) / 2 + 6)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 7.4), dpi=90)
+    fig.patch.set_facecolor(BACKGROUND)
+    for ax, tracks, name in ((axes[0], gt_tracks, "ground truth"), (axes[1], pred_tracks, "prediction")):
+        ax.set_facecolor(BACKGROUND)
+        ax.plot(ego[:, 0], ego[:, 1], color="#bbbbbb", linestyle="--", linewidth=1.2, label="ego path")
+        ax.plot(ego[-1:, 0], ego[-1:, 1], marker="s", color="#bbbbbb", markersize=5)
+        for track_id, track in sorted(tracks.items()):
+            rgb = tuple(c / 255 for c in color_of(track_id))
+            boxes = np.array([b for _, b in sorted(track, key=lambda fb: fb[0])], np.float64)
+            ax.plot(boxes[:, 0], boxes[:, 1], color=rgb, linewidth=1.3, marker="o", markersize=2.5)
+            last = boxes[-1:]
+            ax.add_collection(LineCollection(list(footprints(last)) + list(heading_segments(last)), colors=[rgb]))
+            ax.text(last[0, 0], last[0, 1], f" {track_id}", color=rgb, fontsize=7, va="bottom")
+        ax.set_xlim(centre[0] - half, centre[0] + half)
+        ax.set_ylim(centre[1] - half, centre[1] + half)
+        ax.set_aspect("equal")
+        ax.tick_params(colors="#aaaaaa", labelsize=7)
+        for spine in ax.spines.values():
+            spine.set_color("#555555")
+        ax.set_title(f"{name}: {len(tracks)} tracks over {len(scene_infos)} frames", color="#dddddd", fontsize=10)
+        ax.legend(loc="upper left", fontsize=7, facecolor=BACKGROUND, labelcolor="#dddddd", edgecolor="#555555")
+    fig.suptitle(
+        f"{title}  (global frame, m; a colour and label per track id, dots per frame, box and heading at the last frame)",
+        color="#dddddd",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    image = _figure_to_array(fig)
+    plt.close(fig)
+    write_png(path, image)
+
+
+def write_png(path: str, rgb: np.ndarray) -> None:
+    from pipeline.params import write_bytes_atomic
+
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise RuntimeError(f"{path}: PNG encoding failed")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, data.tobytes())
