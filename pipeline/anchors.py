@@ -4,7 +4,13 @@ Layout of each anchor (Sparse4D's box encoding):
     [x, y, z, log w, log l, log h, sin yaw, cos yaw, vx, vy, vz]
 Centres are the k-means cluster centres of the train boxes' centres within `detection_range`;
 every anchor gets the log of the mean box size (columns 3..5 of `gt_boxes`, in the info
-layout), yaw 0 (cos yaw = 1) and zero velocity.
+layout), yaw 0 (cos yaw = 1) and zero velocity. All boxes count, whatever their class or point
+count, as in the reference (`tools/anchor_generator.py`), which is also float64 like its file.
+
+The reference calls scikit-learn's `KMeans(n_clusters=num_anchor)` with the defaults of its time
+(k-means++ initialisation, Lloyd iterations, max_iter 300, tol 1e-4, n_init 10: scikit-learn
+< 1.4) and no seed; here n_init is a parameter (scikit-learn's default is now 1) and the run is
+seeded, so that the anchors are reproducible.
 """
 
 from __future__ import annotations
@@ -19,10 +25,15 @@ class AnchorError(ValueError):
     """Not enough boxes for the requested anchors, or bad parameters; the message names them."""
 
 
+REFERENCE_N_INIT = 10  # scikit-learn's KMeans default when the reference ran (before 1.4)
+
+
 def kmeans_anchors(
-    gt_boxes: np.ndarray, num_anchor: int, detection_range: float, seed: int
+    gt_boxes: np.ndarray, num_anchor: int, detection_range: float, seed: int, n_init: int = REFERENCE_N_INIT
 ) -> tuple[np.ndarray, dict[str, float]]:
-    """(num_anchor, 11) float32 anchors from (n, >=6) LiDAR-frame boxes, and k-means metrics."""
+    """(num_anchor, 11) float64 anchors from (n, >=6) LiDAR-frame boxes, and k-means metrics."""
+    if n_init < 1:
+        raise AnchorError(f"anchors.n_init: expected a positive number of k-means runs, got {n_init}")
     if num_anchor < 1:
         raise AnchorError(f"anchors.num_anchor: expected a positive number, got {num_anchor}")
     if detection_range <= 0:
@@ -34,9 +45,17 @@ def kmeans_anchors(
             f"anchors.num_anchor: {num_anchor} anchors need at least as many train boxes within "
             f"{detection_range} m, but there are {len(in_range)}"
         )
-    km = KMeans(n_clusters=num_anchor, n_init=1, random_state=seed).fit(in_range[:, [X, Y, Z]])
+    km = KMeans(
+        n_clusters=num_anchor,
+        init="k-means++",
+        n_init=n_init,
+        max_iter=300,
+        tol=1e-4,
+        algorithm="lloyd",
+        random_state=seed,
+    ).fit(in_range[:, [X, Y, Z]])
     anchors = np.zeros((num_anchor, 11), dtype=np.float64)
     anchors[:, [X, Y, Z]] = km.cluster_centers_
     anchors[:, [W, L, H]] = np.log(in_range[:, [W, L, H]].mean(axis=0))
     anchors[:, COS_YAW] = 1.0
-    return anchors.astype(np.float32), {"inertia": float(km.inertia_), "boxes_used": int(len(in_range))}
+    return anchors, {"inertia": float(km.inertia_), "boxes_used": int(len(in_range)), "n_init": int(n_init)}

@@ -4,7 +4,11 @@ The output has the keys, frames and semantics of the reference converter
 (HorizonRobotics/Sparse4D `tools/nuscenes_converter.py`): one dict per key frame with the LiDAR
 path and sweeps, the six cameras with their sensor->LiDAR transforms, and, for annotated splits,
 boxes in the key frame's LiDAR frame as (x, y, z, l, w, h, yaw), velocities in that frame, the
-class names mapped to the 10 detection classes and per-box LiDAR/radar point counts.
+class names mapped to the 10 detection classes and per-box LiDAR/radar point counts. The infos
+equal the reference's key for key and value for value (to float rounding; tested against its
+converter), including its quirks: samples of scenes outside both splits go to the val split
+(dropped for v1.0-test), and camera and sweep paths under the working directory are made
+relative to it.
 
 Where the reference asks the devkit for every box and every velocity one object at a time, this
 reads the tables once and transforms all boxes of a sample with a few array operations.
@@ -119,10 +123,20 @@ def _quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _yaw(q: np.ndarray) -> np.ndarray:
-    """Yaw of (n, 4) quaternions, as pyquaternion's yaw_pitch_roll[0]."""
+    """Yaw of (n, 4) quaternions, pyquaternion's ``yaw_pitch_roll[0]`` formula (the reference's).
+
+    Note the sign of ``x * y``: pyquaternion's yaw is not the z-y-x Euler yaw of a tilted
+    rotation (they differ by about 6e-4 rad at a few degrees of pitch and roll); on level poses
+    they agree."""
     q = q / np.linalg.norm(q, axis=-1, keepdims=True)
     w, x, y, z = np.moveaxis(q, -1, 0)
-    return np.arctan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
+    return np.arctan2(2 * (w * z - x * y), 1 - 2 * (y * y + z * z))
+
+
+def _relative_to_cwd(path: str) -> str:
+    """The reference converter's camera and sweep paths: under the working directory, made relative."""
+    cwd = os.getcwd()
+    return path.split(f"{cwd}/")[-1] if cwd in path else path
 
 
 def _sensor_to_lidar(
@@ -182,14 +196,13 @@ def convert(
     train_names, val_names = split_scenes(version)
     scene_by_name = {s["name"]: s["token"] for s in tables["scene"]}
     train_scenes = {scene_by_name[n] for n in train_names if n in scene_by_name}
-    val_scenes = {scene_by_name[n] for n in val_names if n in scene_by_name}
     test = version == "v1.0-test"
 
     missing: list[str] = []
     out: dict[str, list[dict]] = {"train": [], "val": []}
     for sample in tqdm(tables["sample"], desc=f"convert {version}", unit="sample"):
-        if sample["scene_token"] not in train_scenes and sample["scene_token"] not in val_scenes:
-            continue
+        if test and sample["scene_token"] not in train_scenes:
+            continue  # the reference files it under "val", which it does not write for v1.0-test
         data = sample_data.get(sample["token"], {})
         if "LIDAR_TOP" not in data or any(c not in data for c in CAMERA_TYPES):
             raise ConvertError(
@@ -213,9 +226,6 @@ def convert(
             "ego2global_translation": lidar_pose["translation"],
             "ego2global_rotation": lidar_pose["rotation"],
             "timestamp": sample["timestamp"],
-            # Not in the reference format (it tells scenes apart by an empty sweep list); kept
-            # for summaries and as a cross-check.
-            "scene_token": sample["scene_token"],
         }
 
         frame = (l2e_r, l2e_t, e2g_r, e2g_t)
@@ -225,7 +235,7 @@ def convert(
             pose = by_token["ego_pose"][sd["ego_pose_token"]]
             r, t = _sensor_to_lidar(cs, pose, *frame)
             return {
-                "data_path": os.path.join(root, sd["filename"]),
+                "data_path": _relative_to_cwd(os.path.join(root, sd["filename"])),
                 "type": sensor_type,
                 "sample_data_token": sd["token"],
                 "sensor2ego_translation": cs["translation"],
@@ -269,6 +279,7 @@ def convert(
                 ]
             )
             info["instance_inds"] = np.array([instance_index[a["instance_token"]] for a in anns])
+        # As the reference: every sample outside the train scenes is a val sample.
         out["train" if sample["scene_token"] in train_scenes else "val"].append(info)
         if len(missing) >= 20:
             break
@@ -294,12 +305,12 @@ def _annotations(
 ) -> dict[str, np.ndarray]:
     """gt_boxes (n, 7) x, y, z, l, w, h, yaw and gt_velocity (n, 2) in the LiDAR frame, counts, flags."""
     n = len(anns)
-    if n == 0:
+    if n == 0:  # the reference's arrays of an empty sample (float64 where built from empty lists)
         return {
             "gt_boxes": np.zeros((0, 7)),
             "gt_velocity": np.zeros((0, 2)),
-            "num_lidar_pts": np.zeros(0, dtype=np.int64),
-            "num_radar_pts": np.zeros(0, dtype=np.int64),
+            "num_lidar_pts": np.array([]),
+            "num_radar_pts": np.array([]),
             "valid_flag": np.zeros(0, dtype=bool),
         }
     centre = np.array([a["translation"] for a in anns], dtype=np.float64)
@@ -319,7 +330,7 @@ def _annotations(
         nxt = ann_by_token[a["next"]] if a["next"] else a
         if prev is nxt:
             continue
-        dt = 1e-6 * (sample_time[nxt["sample_token"]] - sample_time[prev["sample_token"]])
+        dt = 1e-6 * sample_time[nxt["sample_token"]] - 1e-6 * sample_time[prev["sample_token"]]
         limit = MAX_VELOCITY_DT * (2 if a["prev"] and a["next"] else 1)
         if dt <= limit:
             velocity[i] = (np.asarray(nxt["translation"]) - np.asarray(prev["translation"])) / dt
@@ -337,10 +348,15 @@ def _annotations(
     }
 
 
-def summarize(result: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per split: samples, scenes, boxes and boxes per detection class (a DVC metrics dict)."""
+def summarize(result: dict[str, dict[str, Any]], root: str | os.PathLike, version: str) -> dict[str, dict[str, Any]]:
+    """Per split: samples, scenes, boxes and boxes per detection class (a DVC metrics dict).
+
+    The infos do not name their scene (as the reference's), so scenes are counted through the
+    version's sample table."""
     import pandas as pd
 
+    with open(Path(root) / version / "sample.json") as f:
+        scene_of = {s["token"]: s["scene_token"] for s in json.load(f)}
     summary = {}
     for split, data in result.items():
         infos = data["infos"]
@@ -349,7 +365,7 @@ def summarize(result: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         per_class = {c: int(counts.get(c, 0)) for c in sorted(set(NAME_MAPPING.values()))}
         summary[split] = {
             "samples": len(infos),
-            "scenes": len({info["scene_token"] for info in infos}),
+            "scenes": len({scene_of[info["token"]] for info in infos}),
             "boxes": int(len(names)),
             "boxes_per_class": per_class,
         }

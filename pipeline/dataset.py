@@ -1,16 +1,26 @@
 """Sparse4D's nuScenes dataset over the info pkls, with the reference train and test pipelines.
 
 Train pipeline (the reference's order): load 6 images and the key-frame LiDAR points;
-resize-crop-flip-rotate each image (one affine warp, see below) and update ``lidar2img`` with the
-same matrix; depth maps from the points at strides 4/8/16; 3D rotation of boxes and frames;
-photometric distortion; normalisation; 55 m circular range filter and class filter; then the
-Sparse4D adaptor (projection matrices, image sizes, ``T_global``, focal lengths, instance ids).
+resize-crop-flip-rotate each image and update ``lidar2img`` with the same matrix; depth maps from
+the points at strides 4/8/16; 3D rotation of boxes and frames; photometric distortion;
+normalisation; 55 m circular range filter and class filter; then the Sparse4D adaptor
+(projection matrices, image sizes, ``T_global``, focal lengths, instance ids).
 
-Images are the CPU hot spot (6 JPEG decodes per sample). By default an image is decoded at a
-reduced DCT scale when the resize factor allows it (PIL draft mode: 1/2, 1/4, 1/8), shrunk by an
-integer box filter where still more than 2x too large, and warped once by the composed affine
-matrix of resize, crop, flip and rotation. ``fast_images=False`` runs the reference's chain
-(full decode, resize, crop, flip, rotate) — the baseline of ``benchmarks/image_pipeline_speed.py``.
+Images, two paths (``fast_images``):
+
+- exact (``False``, the default): the reference's chain — full decode with OpenCV (as
+  ``mmcv.imread``), PIL resize to whole-pixel sizes (bicubic), crop, flip, PIL rotation (nearest,
+  black corners) — pixel for pixel the reference's images;
+- fast (``True``): the JPEG is decoded at a reduced DCT scale when the resize factor allows it
+  (1/2, 1/4, 1/8), shrunk by an integer box filter where still more than 2x too large, and
+  resampled once (bilinear) straight into the crop, with the mapping of the reference's
+  whole-pixel resize; then what lies outside the resized image is blacked out, the flip and the
+  rotation (PIL, nearest, black corners) are the reference's own. Only the resampling filter
+  differs (``benchmarks/image_pipeline_speed.py`` measures both the difference and the speed).
+
+Objects: as the reference (``use_valid_flag=False``) a box is kept when it holds LiDAR points
+(``num_lidar_pts > 0``); ``use_valid_flag=True`` keeps the converter's ``valid_flag`` (LiDAR or
+radar points) instead.
 
 A sample is a dict; :func:`collate` stacks a list of them into the batch the model takes.
 """
@@ -136,13 +146,6 @@ def depth_maps(
 # --------------------------------------------------------------------------------------- images
 
 
-def _open(path: str) -> Image.Image:
-    try:
-        return Image.open(path)
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"{path}: cannot read the image ({err})") from err
-
-
 _REDUCED_READ = {
     1: cv2.IMREAD_COLOR,
     2: cv2.IMREAD_REDUCED_COLOR_2,
@@ -151,15 +154,24 @@ _REDUCED_READ = {
 }
 
 
-def load_image_fast(
-    path: str, transform: np.ndarray, out_wh: tuple[int, int], resize: float, size_wh: tuple[int, int]
-) -> np.ndarray:
-    """Decode at reduced scale where possible, then one bilinear affine warp -> (H, W, 3) uint8 RGB.
+def _rotate_as_reference(img: np.ndarray, angle: float) -> np.ndarray:
+    """PIL's ``Image.rotate(angle)`` (nearest, about the centre, black corners), as the reference."""
+    if angle == 0:
+        return img
+    return np.asarray(Image.fromarray(img).rotate(angle))
+
+
+def load_image_fast(path: str, aug: dict, out_wh: tuple[int, int], size_wh: tuple[int, int]) -> np.ndarray:
+    """Decode at reduced scale where possible, resample once into the crop -> (H, W, 3) uint8 RGB.
 
     size_wh: the source image's (width, height). A JPEG is decoded at 1/2, 1/4 or 1/8 scale (the
     largest that keeps it at least the resized size), straight into an array; what is still at
-    least twice too large is shrunk by an integer box filter against aliasing."""
+    least twice too large is shrunk by an integer box filter against aliasing. The bilinear
+    resampling maps pixel centres as the reference's resize to whole pixels
+    ``(int(W * resize), int(H * resize))`` does; crop borders, flip and rotation are the
+    reference's."""
     width, height = size_wh
+    resize = float(aug["resize"])
     step = 1
     while step < 8 and resize * step * 2 <= 1.0:
         step *= 2
@@ -171,33 +183,59 @@ def load_image_fast(
             f"{path}: the image is {pixels.shape[1] * step}x{pixels.shape[0] * step} (at 1/{step} scale "
             f"{pixels.shape[1]}x{pixels.shape[0]}), but data.aug says W x H = {width}x{height}"
         )
-    factor = int(min(pixels.shape[1] / (width * resize), pixels.shape[0] / (height * resize)) // 2 * 2)
+    new_w, new_h = int(width * resize), int(height * resize)
+    factor = int(min(pixels.shape[1] / new_w, pixels.shape[0] / new_h) // 2 * 2)
     if factor >= 2:
         pixels = cv2.resize(pixels, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
-    scale = np.diag([pixels.shape[1] / width, pixels.shape[0] / height, 1.0])  # original -> decoded pixels
-    matrix = (transform @ np.linalg.inv(scale))[:2]  # decoded -> output pixels
-    out = cv2.warpAffine(pixels, matrix, tuple(out_wh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-    return cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
+    # Output pixel (x, y) of the crop is pixel (x + crop_x, y + crop_y) of the resized image, whose
+    # centre lies at (x + crop_x + 0.5) * W / new_w in source pixels (as PIL's resize maps them).
+    crop_x, crop_y = aug["crop"][:2]
+    sx, sy = pixels.shape[1] / new_w, pixels.shape[0] / new_h  # decoded pixels per resized pixel
+    inverse = np.array([[sx, 0.0, (crop_x + 0.5) * sx - 0.5], [0.0, sy, (crop_y + 0.5) * sy - 0.5]])
+    out_w, out_h = out_wh
+    out = cv2.warpAffine(
+        pixels,
+        inverse,
+        (out_w, out_h),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    # Black where the crop leaves the resized image, as PIL's crop pads.
+    out[: max(0, -crop_y)] = 0
+    out[max(0, new_h - crop_y) :] = 0
+    out[:, : max(0, -crop_x)] = 0
+    out[:, max(0, new_w - crop_x) :] = 0
+    out = cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
+    if aug["flip"]:
+        out = np.ascontiguousarray(out[:, ::-1])
+    return _rotate_as_reference(out, float(aug["rotate"]))
 
 
-def load_image_chain(path: str, aug: dict) -> np.ndarray:
-    """The reference's chain: full decode, resize, crop, flip, rotate -> (H, W, 3) uint8 RGB."""
-    img = _open(path)
-    try:
-        img.load()
-        img = img.convert("RGB") if img.mode != "RGB" else img
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"{path}: cannot decode the image ({err})") from err
-    width, height = img.size
-    img = img.resize((int(width * aug["resize"]), int(height * aug["resize"]))).crop(tuple(aug["crop"]))
+def load_image_chain(path: str, aug: dict, size_wh: tuple[int, int]) -> np.ndarray:
+    """The reference's chain -> (H, W, 3) uint8 RGB: OpenCV decode (``mmcv.imread``), PIL resize
+    to ``(int(W * resize), int(H * resize))``, crop, flip, rotate. size_wh: the (width, height)
+    that data.aug expects (the augmentation's crop is drawn for it)."""
+    pixels = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if pixels is None:
+        raise DatasetError(f"{path}: cannot read the image (missing, truncated or not an image)")
+    height, width = pixels.shape[:2]
+    if (width, height) != tuple(size_wh):
+        raise DatasetError(
+            f"{path}: the image is {width}x{height}, but data.aug says W x H = {size_wh[0]}x{size_wh[1]}"
+        )
+    img = Image.fromarray(cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB))
+    resize = aug["resize"]
+    img = img.resize((int(width * resize), int(height * resize))).crop(tuple(aug["crop"]))
     if aug["flip"]:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    img = img.rotate(aug["rotate"])
-    return np.asarray(img)
+    return _rotate_as_reference(np.asarray(img), float(aug["rotate"]))
 
 
 def photometric_distortion(img: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
-    """mmdet's PhotoMetricDistortion as the reference applies it per view (float32 RGB in, out)."""
+    """mmdet's PhotoMetricDistortion as the reference applies it per view (float32 RGB in, out).
+
+    The reference distorts BGR images; HSV conversions are the same either way, and the channel
+    swap is mirrored so that one draw of ``rng`` gives the reference's result."""
     img = img.astype(np.float32)
     if rng.randint(2):
         img += rng.uniform(-32, 32)
@@ -215,7 +253,7 @@ def photometric_distortion(img: np.ndarray, rng: np.random.RandomState) -> np.nd
     if not contrast_first and rng.randint(2):
         img *= rng.uniform(0.5, 1.5)
     if rng.randint(2):
-        img = img[..., rng.permutation(3)]
+        img = img[..., 2 - rng.permutation(3)[::-1]]  # the reference's permutation of B, G, R
     return img
 
 
@@ -234,7 +272,10 @@ class Sparse4DDataset(torch.utils.data.Dataset):
         with_seq_flag / sequences_split_num: `flag` numbers each scene (split into that many
             sub-sequences), for the group-in-batch sampler.
         keep_consistent_seq_aug: the sampler draws one augmentation per sequence.
-        fast_images: draft decode + single affine warp (default) or the reference chain.
+        fast_images: reduced-scale decode + one resampling (see the module docstring), or the
+            reference's chain (``False``, the default).
+        use_valid_flag: keep boxes by the converter's ``valid_flag`` (LiDAR or radar points)
+            instead of the reference's ``num_lidar_pts > 0`` (``False``, the default).
         class_range: objects farther than this (metres, in the x-y plane) are dropped in training.
         with_depth / photometric: depth targets and photometric distortion in training.
     """
@@ -248,7 +289,8 @@ class Sparse4DDataset(torch.utils.data.Dataset):
         with_seq_flag: bool = True,
         sequences_split_num: int = 2,
         keep_consistent_seq_aug: bool = True,
-        fast_images: bool = True,
+        fast_images: bool = False,
+        use_valid_flag: bool = False,
         class_range: float = 55.0,
         with_depth: bool = True,
         photometric: bool = True,
@@ -269,6 +311,7 @@ class Sparse4DDataset(torch.utils.data.Dataset):
         self.test_mode = test_mode
         self.keep_consistent_seq_aug = keep_consistent_seq_aug
         self.fast_images = fast_images
+        self.use_valid_flag = use_valid_flag
         self.class_range = float(class_range)
         self.with_depth = with_depth
         self.photometric = photometric
@@ -278,16 +321,12 @@ class Sparse4DDataset(torch.utils.data.Dataset):
         return len(self.data_infos)
 
     def _sequence_flags(self, split_num: int) -> np.ndarray:
-        """One flag per scene (a new scene: another scene_token, or no sweeps as the reference), each
+        """One flag per scene (as the reference: a frame without sweeps starts a new scene), each
         scene cut into `split_num` consecutive parts of ceil(len / split_num) frames."""
         scene_of, current = [], 0
         for i, info in enumerate(self.data_infos):
-            if i > 0:
-                prev = self.data_infos[i - 1]
-                if "scene_token" in info and "scene_token" in prev:
-                    current += info["scene_token"] != prev["scene_token"]
-                else:
-                    current += len(info.get("sweeps", [])) == 0
+            if i > 0 and len(info["sweeps"]) == 0:
+                current += 1
             scene_of.append(current)
         scene_of = np.asarray(scene_of, np.int64)
         if split_num <= 1:
@@ -334,7 +373,10 @@ class Sparse4DDataset(torch.utils.data.Dataset):
     # ----------------------------------------------------------------------------- loading
     def annotations(self, info: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(n, 9) boxes with velocity (NaN -> 0), labels (-1: not a detection class), instance ids."""
-        mask = np.asarray(info["valid_flag"], bool) if "valid_flag" in info else np.asarray(info["num_lidar_pts"]) > 0
+        key = "valid_flag" if self.use_valid_flag else "num_lidar_pts"
+        if key not in info:
+            raise DatasetError(f"info of sample {info.get('token')}: no {key!r} (an annotated split's info pkl?)")
+        mask = np.asarray(info["valid_flag"], bool) if self.use_valid_flag else np.asarray(info["num_lidar_pts"]) > 0
         boxes = np.asarray(info["gt_boxes"], np.float64).reshape(-1, 7)[mask]
         names = np.asarray(info["gt_names"])[mask]
         velocity = np.asarray(info["gt_velocity"], np.float64).reshape(-1, 2)[mask].copy()
@@ -361,11 +403,9 @@ class Sparse4DDataset(torch.utils.data.Dataset):
         size = (self.aug_conf["W"], self.aug_conf["H"])
         for cam in info["cams"].values():
             if self.fast_images:
-                imgs.append(
-                    load_image_fast(cam["data_path"], transform[:3, :3], (final_w, final_h), aug["resize"], size)
-                )
+                imgs.append(load_image_fast(cam["data_path"], aug, (final_w, final_h), size))
             else:
-                imgs.append(load_image_chain(cam["data_path"], aug))
+                imgs.append(load_image_chain(cam["data_path"], aug, size))
         lidar2img = [transform @ m for m in lidar2img]
         focal = np.array([k[0, 0] * aug["resize"] for k in intrinsics], np.float32)
 

@@ -1,14 +1,27 @@
-"""Group-in-batch sampler of Sparse4D's temporal training.
+"""Group-in-batch sampler of Sparse4D's temporal training (the reference's, RNG call for RNG call).
 
-Every batch slot walks one sequence (a group of the dataset's ``flag``) forward in time, frame
-by frame; when its sequence is exhausted it takes the next group. Groups are dealt out in a
-seeded random order that is the same on every rank: global slot ``rank * batch_size + i`` takes
-every ``world_size * batch_size``-th group of that order, starting at its own position, so the
-ranks of a distributed run never train on the same sequence at the same time.
+Every batch slot walks one sequence (a group of the dataset's ``flag``) frame by frame; when its
+sequence is exhausted it takes the next group. Groups are dealt out in a seeded random order that
+is the same on every rank: global slot ``rank * batch_size + i`` takes every
+``world_size * batch_size``-th group of that order, starting at its own position, so the ranks of
+a distributed run never train on the same sequence at the same time.
 
-With ``get_augmentation`` (the dataset's), each slot draws one augmentation per sequence and
-every frame of the sequence uses it (the reference's ``keep_consistent_seq_aug``); the items are
-then ``{"idx": i, "aug_config": aug}``, else plain indices.
+As the reference (``GroupInBatchSampler`` of Sparse4D), per slot and per batch:
+
+- ``skip_prob``: one ``np.random.uniform()`` is drawn; below ``skip_prob``, and with at least two
+  frames left in the slot's sequence, the next frame is skipped (the step spans 1 s, not 0.5 s).
+  The draw happens before a finished sequence is refilled, so a sequence's first frame is never
+  skipped;
+- ``sequence_flip_prob``: when a slot starts a new sequence, one more ``np.random.uniform()``
+  decides whether the sequence is walked backward in time;
+- with ``get_augmentation`` (the dataset's), one augmentation is drawn per sequence, after the
+  flip draw, and every frame of the sequence uses it (``consistent_aug``, the reference's
+  ``keep_consistent_seq_aug``), or one per frame; the items are then
+  ``{"idx": i, "aug_config": aug}``, else plain indices.
+
+All draws come from numpy's global RNG in the reference's order, so for one numpy seed the
+reference sampler and this one hand out the same batches (tested). The training loop runs the
+sampler under a private numpy state, which makes it replayable after a resume.
 """
 
 from __future__ import annotations
@@ -33,10 +46,18 @@ class GroupInBatchSampler(torch.utils.data.Sampler):
         rank: int = 0,
         seed: int = 0,
         get_augmentation: Callable[[], dict] | None = None,
+        skip_prob: float = 0.5,
+        sequence_flip_prob: float = 0.1,
+        consistent_aug: bool = True,
     ):
         flags = np.asarray(flags, np.int64)
         self.batch_size, self.world_size, self.rank, self.seed = int(batch_size), int(world_size), int(rank), int(seed)
+        for name, value in (("data.skip_prob", skip_prob), ("data.sequence_flip_prob", sequence_flip_prob)):
+            if not 0.0 <= float(value) <= 1.0:
+                raise SamplerError(f"{name}: expected a probability in [0, 1], got {value!r}")
+        self.skip_prob, self.sequence_flip_prob = float(skip_prob), float(sequence_flip_prob)
         self.get_augmentation = get_augmentation
+        self.consistent_aug = bool(consistent_aug)
         self.num_groups = int(flags.max()) + 1 if flags.size else 0
         global_batch = self.batch_size * self.world_size
         if self.num_groups < global_batch:
@@ -62,12 +83,22 @@ class GroupInBatchSampler(torch.utils.data.Sampler):
         while True:
             batch = []
             for slot in range(self.batch_size):
-                if not self._queues[slot]:
+                queue = self._queues[slot]
+                # Drawn for every slot and step, as the reference (its RNG stream depends on it).
+                skip = np.random.uniform() < self.skip_prob and len(queue) > 1
+                if not queue:
                     group = next(self._group_streams[slot])
-                    self._queues[slot] = self.group_members[group].tolist()
-                    if self.get_augmentation is not None:
+                    queue = self.group_members[group].tolist()
+                    if np.random.uniform() < self.sequence_flip_prob:
+                        queue.reverse()
+                    self._queues[slot] = queue
+                    if self.get_augmentation is not None and self.consistent_aug:
                         self._augs[slot] = self.get_augmentation()
-                idx = self._queues[slot].pop(0)
+                if self.get_augmentation is not None and not self.consistent_aug:
+                    self._augs[slot] = self.get_augmentation()
+                if skip:
+                    queue.pop(0)
+                idx = queue.pop(0)
                 batch.append(idx if self.get_augmentation is None else {"idx": idx, "aug_config": self._augs[slot]})
             yield batch
 

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         if not boxes:
             raise AnchorError(f"{args.infos}: no gt_boxes (a test split has no annotations)")
         anchors, metrics = kmeans_anchors(
-            np.concatenate(boxes), int(p["num_anchor"]), float(p["detection_range"]), int(p["seed"])
+            np.concatenate(boxes), int(p["num_anchor"]), float(p["detection_range"]), int(p["seed"]), int(p["n_init"])
         )
     except (AnchorError, ParamsError) as err:
         print(f"anchors: {err}", file=sys.stderr)

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     for split, data in result.items():
         write_bytes_atomic(out / f"nuscenes_infos_{split}.pkl", pickle.dumps(data, protocol=4))
-    summary = summarize(result)
+    summary = summarize(result, p["data_root"], p["version"])
     write_json_atomic(args.metrics, summary)
     for split, s in summary.items():
         print(f"convert: {split}: {s['samples']} samples, {s['scenes']} scenes, {s['boxes']} boxes")

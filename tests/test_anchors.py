@@ -1,4 +1,5 @@
-"""K-means anchors: reference layout, determinism, clear errors."""
+"""K-means anchors: reference layout and settings, determinism, clear errors. Against the reference generator
+itself: tests/test_parity_data.py."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def boxes(n: int, seed: int = 0) -> np.ndarray:
 def test_layout_and_sizes():
     gt = boxes(2000)
     anchors, metrics = kmeans_anchors(gt, 50, 55.0, seed=0)
-    assert anchors.shape == (50, 11) and anchors.dtype == np.float32
+    assert anchors.shape == (50, 11) and anchors.dtype == np.float64  # as the reference's file
     used = gt[np.linalg.norm(gt[:, :3], axis=1) <= 55.0]
     assert metrics["boxes_used"] == len(used) and metrics["inertia"] > 0
     assert np.allclose(anchors[:, 3:6], np.log(used[:, 3:6].mean(0)), atol=1e-6)
@@ -40,6 +41,16 @@ def test_deterministic_for_a_seed():
     b, _ = kmeans_anchors(gt, 100, 55.0, seed=3)
     c, _ = kmeans_anchors(gt, 100, 55.0, seed=4)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_more_initialisations_never_fit_worse():
+    """n_init k-means runs keep the best (the reference's scikit-learn ran 10; today's default is 1)."""
+    gt = boxes(3000)
+    one = kmeans_anchors(gt, 100, 55.0, seed=0, n_init=1)[1]
+    ten = kmeans_anchors(gt, 100, 55.0, seed=0, n_init=10)[1]  # its first run is the n_init=1 run
+    assert ten["n_init"] == 10 and ten["inertia"] < one["inertia"]
+    with pytest.raises(AnchorError, match="anchors.n_init"):
+        kmeans_anchors(gt, 100, 55.0, seed=0, n_init=0)
 
 
 def test_fewer_boxes_than_anchors():

@@ -37,6 +37,43 @@ def converted(small_twin, tmp_path_factory):
     return result, nusc, base
 
 
+def _tilted(rotation: list[float], timestamp: int) -> list[float]:
+    """A level [w, x, y, z] ego rotation with pitch and roll of up to ~3 degrees, varying in time."""
+    phase = (timestamp % 10_000_000) / 1e6
+    pitch = np.radians(2.5) * np.sin(1.3 * phase + 0.4)
+    roll = np.radians(3.0) * np.cos(0.9 * phase)
+    q = Quaternion(rotation) * Quaternion(axis=[0, 1, 0], angle=pitch) * Quaternion(axis=[1, 0, 0], angle=roll)
+    return [float(v) for v in q.elements]
+
+
+def write_variant(source: Path, dest: Path) -> None:
+    """A twin's tables with what real nuScenes has and the twin lacks: ego poses that pitch and roll (a few
+    degrees, varying in time), boxes seen by radar only (every 4th annotation: no LiDAR point, radar
+    points; some others both) and a scene outside both splits (its first, renamed). The sensor files are
+    the source's (links): a converter reads their paths only."""
+    dest.mkdir(parents=True)
+    for entry in source.iterdir():
+        if entry.name != "v1.0-mini":
+            (dest / entry.name).symlink_to(entry.resolve())
+    tables = dest / "v1.0-mini"
+    shutil.copytree(source / "v1.0-mini", tables)
+    poses = json.loads((tables / "ego_pose.json").read_text())
+    for pose in poses:
+        pose["rotation"] = _tilted(pose["rotation"], pose["timestamp"])
+        pose["translation"][2] = 0.05 * np.sin(pose["timestamp"] / 3e5)
+    (tables / "ego_pose.json").write_text(json.dumps(poses))
+    anns = json.loads((tables / "sample_annotation.json").read_text())
+    for i, ann in enumerate(anns):
+        if i % 4 == 0:
+            ann["num_lidar_pts"], ann["num_radar_pts"] = 0, 1 + i % 5
+        elif i % 4 == 1:
+            ann["num_radar_pts"] = i % 3
+    (tables / "sample_annotation.json").write_text(json.dumps(anns))
+    scenes = json.loads((tables / "scene.json").read_text())
+    scenes[0]["name"] = "scene-9999"  # in neither mini split
+    (tables / "scene.json").write_text(json.dumps(scenes))
+
+
 def frozen_view(info: dict) -> dict:
     """The parts of an info that the frozen expectation pins down."""
     return {
@@ -116,8 +153,35 @@ def test_frozen_info(converted):
     assert frozen_view(result["train"]["infos"][1]) == json.loads(EXPECTED.read_text())
 
 
-def test_summary(converted):
-    summary = summarize(converted[0])
+def test_tilted_poses_radar_only_boxes_and_scenes_outside_the_splits(small_twin, tmp_path):
+    """As the devkit walk (the reference's algorithm) on what real nuScenes has: yaw as pyquaternion's,
+    radar-only boxes valid but without LiDAR points, samples outside both splits in val."""
+    write_variant(small_twin, tmp_path / "data" / "nuscenes")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        ours = convert("data/nuscenes", "v1.0-mini")
+        base = devkit_walk("data/nuscenes", "v1.0-mini")
+        nusc = NuScenes(version="v1.0-mini", dataroot="data/nuscenes", verbose=False)
+    finally:
+        os.chdir(cwd)
+    assert_same(ours, base)
+    assert [len(ours[s]["infos"]) for s in ("train", "val")] == [3, 6]  # the renamed train scene went to val
+    pitched = 0
+    for info in ours["train"]["infos"] + ours["val"]["infos"]:
+        e2g = Quaternion(info["ego2global_rotation"])
+        pitched += abs(e2g.yaw_pitch_roll[1]) > np.radians(0.5)
+        anns = [nusc.get("sample_annotation", t) for t in nusc.get("sample", info["token"])["anns"]]
+        for box, ann in zip(info["gt_boxes"], anns):
+            lidar_q = Quaternion(info["lidar2ego_rotation"]).inverse * e2g.inverse * Quaternion(ann["rotation"])
+            assert abs(box[6] - lidar_q.yaw_pitch_roll[0]) < 1e-9
+        radar_only = (info["num_lidar_pts"] == 0) & (info["num_radar_pts"] > 0)
+        assert radar_only.any() and info["valid_flag"][radar_only].all()
+    assert pitched > 3
+
+
+def test_summary(converted, small_twin):
+    summary = summarize(converted[0], small_twin, "v1.0-mini")
     assert summary["train"]["samples"] == 6 and summary["train"]["scenes"] == 2
     assert summary["val"]["scenes"] == 1
     assert sum(summary["train"]["boxes_per_class"].values()) == summary["train"]["boxes"] > 0
