@@ -229,6 +229,8 @@ def train(
         sequences_split_num=int(dp["sequences_split_num"]),
         keep_consistent_seq_aug=True,
         photometric=bool(dp.get("photometric", True)),
+        fast_images=bool(dp.get("fast_images", False)),
+        use_valid_flag=bool(dp.get("use_valid_flag", False)),
     )
     iters_per_epoch = max(1, len(dataset) // total_batch)
     max_iters = int(tp.get("iterations") or 0) or int(float(tp["epochs"]) * iters_per_epoch)
@@ -294,7 +296,14 @@ def train(
             print(f"train: {latest} belongs to other settings; starting afresh")
 
     sampler = GroupInBatchSampler(
-        dataset.flag, batch_size, dist.world_size, dist.rank, seed=seed, get_augmentation=dataset.get_augmentation
+        dataset.flag,
+        batch_size,
+        dist.world_size,
+        dist.rank,
+        seed=seed,
+        get_augmentation=dataset.get_augmentation,
+        skip_prob=float(dp.get("skip_prob", 0.5)),  # the reference's values where a profile leaves them out
+        sequence_flip_prob=float(dp.get("sequence_flip_prob", 0.1)),
     )
     batches = SeededBatches(sampler, seed * 7919 + dist.rank, consumed=consumed)
     loader = torch.utils.data.DataLoader(
