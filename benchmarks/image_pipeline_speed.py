@@ -1,11 +1,17 @@
-"""Training-sample loading speed: the fast image path against the reference's chain.
+"""Sample loading: the fast image path against the exact one (the reference's chain), speed and difference.
 
-Both load the same training samples with the same augmentation draws through the whole train
-pipeline (6 JPEG decodes, geometry, depth maps, photometric distortion, normalisation); they
-differ only in how an image is decoded and warped:
+Both load the same samples with the same augmentation draws through the whole pipeline (train: 6 JPEG
+decodes, geometry, depth maps, photometric distortion, normalisation; test: decode, resize, crop,
+normalisation); they differ only in how an image is decoded and resampled:
 
-* chain (the reference): full-resolution decode, resize, crop, flip, rotate;
-* fast (ours): PIL draft-mode decode at 1/2 .. 1/8 scale where the resize allows, one affine warp.
+* exact (`data.fast_images: false`, the reference's chain): full-resolution decode, PIL bicubic resize
+  to whole pixels, crop, flip, rotate (tests/test_parity_data.py: equal to the reference's images);
+* fast (`data.fast_images: true`): decode at 1/2 .. 1/8 scale where the resize allows, one bilinear
+  resampling into the crop with the same pixel mapping; crop borders, flip and rotation as the reference.
+
+Printed per split: samples/s of each path and the speed-up, whether the projection matrices are
+identical, and the image difference in grey levels (0..255): largest, mean, and the mean of the
+worst sample.
 
 Run after `dvc repro convert` (1600 x 900 images of the synthetic twin):
     python benchmarks/image_pipeline_speed.py [--final-dim 256 704] [--resize-lim 0.40 0.47] [--samples 24]
@@ -37,6 +43,29 @@ def run(ds: Sparse4DDataset, items: list[dict]) -> tuple[float, list[dict]]:
     return time.perf_counter() - start, out
 
 
+def compare(infos: str, aug: dict, samples: int, test_mode: bool) -> None:
+    fast = Sparse4DDataset(infos, CLASSES, aug, fast_images=True, test_mode=test_mode)
+    exact = Sparse4DDataset(infos, CLASSES, aug, fast_images=False, test_mode=test_mode)
+    np.random.seed(0)
+    items = [{"idx": i % len(fast), "aug_config": fast.get_augmentation()} for i in range(samples)]
+    run(fast, items[:2])  # warm-up (imports, caches)
+    run(exact, items[:2])
+    t_exact, out_exact = run(exact, items)
+    t_fast, out_fast = run(fast, items)
+    grey = [np.abs((a["img"].numpy() - b["img"].numpy()) * IMG_STD[:, None, None]) for a, b in zip(out_fast, out_exact)]
+    same_geometry = all(
+        np.array_equal(a["projection_mat"].numpy(), b["projection_mat"].numpy()) for a, b in zip(out_fast, out_exact)
+    )
+    split = "test" if test_mode else "train"
+    print(f"{split}: exact {samples / t_exact:7.2f} samples/s ({1000 * t_exact / samples:.1f} ms/sample)")
+    print(f"{split}: fast  {samples / t_fast:7.2f} samples/s ({1000 * t_fast / samples:.1f} ms/sample)")
+    print(
+        f"{split}: speed-up {t_exact / t_fast:.2f}x; identical projection matrices: {same_geometry}; "
+        f"grey levels: max {max(g.max() for g in grey):.0f}, mean {np.mean([g.mean() for g in grey]):.2f}, "
+        f"worst sample mean {max(g.mean() for g in grey):.2f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--infos", default="data/infos/nuscenes_infos_train.pkl")
@@ -47,33 +76,12 @@ def main() -> None:
     if not Path(args.infos).is_file():
         sys.exit(f"{args.infos}: not found; run `dvc repro convert` first")
     aug = {**DEFAULT_AUG, "final_dim": list(args.final_dim), "resize_lim": list(args.resize_lim)}
-    fast = Sparse4DDataset(args.infos, CLASSES, aug, fast_images=True)
-    chain = Sparse4DDataset(args.infos, CLASSES, aug, fast_images=False)
-    np.random.seed(0)
-    items = [{"idx": i % len(fast), "aug_config": fast.get_augmentation()} for i in range(args.samples)]
-    run(fast, items[:2])  # warm-up (imports, caches)
-    run(chain, items[:2])
-    t_chain, out_chain = run(chain, items)
-    t_fast, out_fast = run(fast, items)
-    diff = np.mean(
-        [
-            np.abs((a["img"].numpy() - b["img"].numpy()) * IMG_STD[:, None, None]).mean()
-            for a, b in zip(out_fast, out_chain)
-        ]
-    )
-    same_geometry = all(
-        np.array_equal(a["projection_mat"].numpy(), b["projection_mat"].numpy()) for a, b in zip(out_fast, out_chain)
-    )
     print(
-        f"samples: {args.samples} (6 images of {aug['W']}x{aug['H']} -> {args.final_dim[1]}x{args.final_dim[0]}, resize {args.resize_lim})"
+        f"samples: {args.samples} (6 images of {aug['W']}x{aug['H']} -> {args.final_dim[1]}x{args.final_dim[0]}, "
+        f"resize {args.resize_lim})"
     )
-    print(
-        f"chain (reference): {args.samples / t_chain:7.2f} samples/s  ({1000 * t_chain / args.samples:.1f} ms/sample)"
-    )
-    print(f"fast (ours):       {args.samples / t_fast:7.2f} samples/s  ({1000 * t_fast / args.samples:.1f} ms/sample)")
-    print(
-        f"speed-up: {t_chain / t_fast:.2f}x; identical projection matrices: {same_geometry}; mean |pixel difference|: {diff:.2f} / 255"
-    )
+    for test_mode in (False, True):
+        compare(args.infos, aug, args.samples, test_mode)
 
 
 if __name__ == "__main__":
