@@ -4,7 +4,9 @@ checkpoint from elsewhere trains nothing."""
 from __future__ import annotations
 
 import ast
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -176,16 +178,7 @@ def test_evaluating_an_external_checkpoint_runs_no_training(project):
     """`dvc exp run -S evaluate.checkpoint=...` (here: the params file edited) plans the data
     stages and evaluate, never backbone or train; the default plans train first. A dry run
     hashes the deps, so each stage's inputs are stood in for by tiny files."""
-    for fake in (
-        "data/nuscenes/v1.0-mini/scene.json",
-        "data/infos/nuscenes_infos_train.pkl",
-        "data/infos/nuscenes_infos_val.pkl",
-        "data/anchors/nuscenes_kmeans.npy",
-        "ckpt/backbone.json",
-        "runs/train/model.pth",
-    ):
-        (project / fake).parent.mkdir(parents=True, exist_ok=True)
-        (project / fake).write_text("stand-in")
+    stand_ins(project)
     default = dvc(project, "repro", "--dry", "evaluate")
     assert "Running stage 'train'" in default and "Running stage 'evaluate'" in default
     (project / "weights").mkdir()
@@ -209,9 +202,7 @@ def stand_ins(project: Path) -> None:
             paths += [next(iter(e)) if isinstance(e, dict) else e for e in spec.get(kind, [])]
         for path in paths:
             path = str(path)
-            if path.startswith("${"):
-                section, key = path[2:-1].split(".")
-                path = rendered[section][key]
+            path = re.sub(r"\$\{(\w+)\.(\w+)\}", lambda m: str(rendered[m[1]][m[2]]), path)
             target = project / path
             if target.exists():
                 continue
@@ -224,9 +215,11 @@ def stand_ins(project: Path) -> None:
 
 
 def changed_stages(project: Path) -> set[str]:
-    import json
-
-    return {name.split(":")[-1] for name in json.loads(dvc(project, "status", "--json"))}
+    """The stages `dvc status` reports, not counting fingerprint's "always changed" (it rescans
+    the sensor folders on every repro)."""
+    status = {name.split(":")[-1]: why for name, why in json.loads(dvc(project, "status", "--json")).items()}
+    assert "always changed" in status["fingerprint"]
+    return {name for name, why in status.items() if [w for w in why if w != "always changed"]}
 
 
 def test_dvc_status_follows_code_and_model_settings_not_launch_settings(project):
@@ -252,4 +245,16 @@ def test_dvc_status_follows_code_and_model_settings_not_launch_settings(project)
     assert with_train(lr=1e-4) == {"train"}
     settings = project / "pipeline" / "settings.py"
     settings.write_text(settings.read_text() + "\n# a change\n")
-    assert changed_stages(project) == {"synthesize", "convert", "anchors", "backbone", "train", "evaluate"}
+    every = {"synthesize", "fingerprint", "convert", "anchors", "backbone", "train", "evaluate"}
+    assert changed_stages(project) == every
+
+
+def test_stages_read_the_tables_and_the_fingerprint_not_the_dataset_root():
+    """No stage hashes the whole dataset root (a million files on trainval); train and evaluate
+    follow the sensor files through data/fingerprint.json."""
+    stages = dvc_stages()
+    for name, spec in stages.items():
+        assert "${convert.data_root}" not in spec.get("deps", []), name
+    for name in ("train", "evaluate"):
+        assert "data/fingerprint.json" in stages[name]["deps"], name
+    assert stages["fingerprint"].get("always_changed") is True
