@@ -126,16 +126,15 @@ def _yaw(q: np.ndarray) -> np.ndarray:
     """Yaw of (n, 4) quaternions, pyquaternion's ``yaw_pitch_roll[0]`` formula (the reference's).
 
     Note the sign of ``x * y``: pyquaternion's yaw is not the z-y-x Euler yaw of a tilted
-    rotation (they differ by about 6e-4 rad at a few degrees of pitch and roll); on level poses
+    rotation (1.4e-3 rad apart at 3 degrees of pitch and roll, tests/test_convert.py's variant); on level poses
     they agree."""
     q = q / np.linalg.norm(q, axis=-1, keepdims=True)
     w, x, y, z = np.moveaxis(q, -1, 0)
     return np.arctan2(2 * (w * z - x * y), 1 - 2 * (y * y + z * z))
 
 
-def _relative_to_cwd(path: str) -> str:
+def _relative_to(path: str, cwd: str) -> str:
     """The reference converter's camera and sweep paths: under the working directory, made relative."""
-    cwd = os.getcwd()
     return path.split(f"{cwd}/")[-1] if cwd in path else path
 
 
@@ -162,7 +161,7 @@ def convert(
     relative to run from the repository root on any machine).
     """
     tables = load_tables(root, version)
-    root = str(root)
+    root, cwd = str(root), os.getcwd()
     by_token = {
         name: {r["token"]: r for r in tables[name]}
         for name in (
@@ -235,7 +234,7 @@ def convert(
             pose = by_token["ego_pose"][sd["ego_pose_token"]]
             r, t = _sensor_to_lidar(cs, pose, *frame)
             return {
-                "data_path": _relative_to_cwd(os.path.join(root, sd["filename"])),
+                "data_path": _relative_to(os.path.join(root, sd["filename"]), cwd),
                 "type": sensor_type,
                 "sample_data_token": sd["token"],
                 "sensor2ego_translation": cs["translation"],
