@@ -162,6 +162,26 @@ def test_lr_scales_with_the_global_batch(rule, batch, factor):
 # ---------------------------------------------------------------- launch vs identity
 
 
+class Recorder(dict):
+    """params that note the dotted name of each setting looked up (sections: their leaves)."""
+
+    def __init__(self, data: dict, seen: set[str], prefix: str = ""):
+        super().__init__({k: Recorder(v, seen, f"{prefix}{k}.") if isinstance(v, dict) else v for k, v in data.items()})
+        self.seen, self.prefix = seen, prefix
+
+    def _note(self, key: str) -> None:
+        if not isinstance(super().get(key), dict):
+            self.seen.add(self.prefix + key)
+
+    def __getitem__(self, key: str):
+        self._note(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default=None):
+        self._note(key)
+        return super().get(key, default)
+
+
 @pytest.fixture(scope="module")
 def tiny_workspace(small_twin):
     """The small twin's root with train infos and 20 anchors, as the training tests use."""
@@ -191,8 +211,15 @@ def test_a_launch_setting_resumes_and_a_model_setting_starts_afresh(tiny_workspa
               str(out / "train.json"), str(out / "live"))  # fmt: skip
         return capsys.readouterr().out
 
-    first = run(tiny_params(iterations=2, checkpoint_interval=2))
+    read: set[str] = set()
+    first = run(Recorder(tiny_params(iterations=2, checkpoint_interval=2), read))
     assert "resuming" not in first and "starting afresh" not in first
+    # every setting the training run looked up is tracked by the train stage, or is a launch one
+    listed = [str(k) for k in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["params"]]
+    launch = {f"train.{k}" for k in LAUNCH_KEYS["train"]}
+    untracked = {k for k in read if k not in launch and not any(k == p or k.startswith(p + ".") for p in listed)}
+    assert read and not untracked, f"the train stage reads settings dvc.yaml does not list: {sorted(untracked)}"
+
     launch = dict(num_workers=1, master_port=29999, master_addr="10.0.0.1", checkpoint_interval=1)
     launch.update(max_nonfinite_steps=3)
     assert set(launch) | {"node_rank"} == set(LAUNCH_KEYS["train"])
