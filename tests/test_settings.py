@@ -227,3 +227,23 @@ def test_a_launch_setting_resumes_and_a_model_setting_starts_afresh(tiny_workspa
     assert "resuming from" in resumed and "at iteration 2/2" in resumed
     afresh = run(tiny_params(iterations=2, checkpoint_interval=2, lr=1e-3))
     assert "belongs to other settings; starting afresh" in afresh
+
+
+def test_the_number_of_data_workers_does_not_change_the_trained_weights(tiny_workspace, tmp_path, monkeypatch):
+    """Why train.num_workers is a launch setting: each sample is seeded, whichever process loads it."""
+    import torch
+
+    from pipeline.train import train
+    from tests.test_train import tiny_params
+
+    monkeypatch.chdir(tiny_workspace)
+    data = tiny_workspace / "data" / "settings"
+    weights = []
+    for workers in (1, 2):
+        out = tmp_path / f"workers{workers}"
+        train(tiny_params(iterations=2, num_workers=workers), str(data / "train.pkl"), str(data / "anchors.npy"),
+              "ckpt/none.json", str(out), str(out / "train.json"), str(out / "live"))  # fmt: skip
+        weights.append(torch.load(out / "model.pth", weights_only=False)["state_dict"])
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
