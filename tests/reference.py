@@ -470,6 +470,9 @@ def perturb_weights(model: torch.nn.Module, seed: int = 0) -> list[str]:
     affine, LayerNorm affine, zero biases, the zero `weights_fc`, the refinement `Scale`s, the class bias, the
     instance bank's (zero, frozen) instance features. Returns the names changed."""
     gen = torch.Generator().manual_seed(seed)
+    class_biases = {  # the last layer of every classification branch
+        f"{name}.{len(module) - 1}.bias" for name, module in model.named_modules() if name.endswith("cls_layers")
+    }
     changed = []
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if not tensor.is_floating_point() or name.endswith("fix_scale") or name.endswith("instance_bank.anchor"):
@@ -480,8 +483,8 @@ def perturb_weights(model: torch.nn.Module, seed: int = 0) -> list[str]:
         noise = torch.randn(tensor.shape, generator=gen, dtype=tensor.dtype)
         if name.endswith("running_var"):
             tensor.copy_(0.5 + torch.rand(tensor.shape, generator=gen, dtype=tensor.dtype))
-        elif ".cls_layers." in name and name.endswith("bias"):
-            tensor.copy_(-1.5 + noise)  # around sigmoid 0.2: some queries above the tracking threshold, most below
+        elif name in class_biases:  # the prior 0.01, spread: some queries above the tracking threshold 0.2
+            tensor.add_(noise)
         elif name.endswith("weights_fc.weight"):
             tensor.copy_(0.1 * noise)
         else:

@@ -1,9 +1,9 @@
 """Our model against the reference code (HorizonRobotics/Sparse4D c41df4bb): one state dict, the same inputs,
 frame after frame of a scene with a moving ego.
 
-* eval, fp32: frames 1-3 with cached temporal instances — every decoder's boxes, logits and quality, the
+* eval, float64: frames 1-3 with cached temporal instances — every decoder's boxes, logits and quality, the
   tracking ids, the decoded boxes / scores / labels / cls_scores / ids, and the instance bank's cached state
-  after each frame;
+  after each frame; float32: every decoder's outputs of frame 1 (why not more: the test's docstring);
 * train, float64: frames 1-2 with temporal denoising — every loss term and the gradient of every parameter,
   and the torch and numpy RNG states after each step (the noise must be drawn with the same calls in the same
   order for a seeded step to be the reference's);
@@ -250,15 +250,16 @@ def test_eval_in_fp32_matches_the_reference_but_for_border_crossings(profile, de
 
     In float32 the two implementations round differently (key points ~1e-6 apart), and two of the reference's
     operations are discontinuous: the op drops a key point whose normalised coordinate is not strictly inside
-    (0, 1), and the instance bank and decoder rank by confidence. Measured on the full profile (this scene):
-    at decoder 5 query 565's key point 1 projects to y = 1.0000020 in ours and 0.9999991 in the reference, so
-    one samples it and the other does not (the query's outputs then differ by 7e-3); in frame 1 two pairs of the
-    600 cached instances swap places, their confidences 1.2e-7 and 3.6e-7 apart while the implementations'
-    confidences differ by up to 3.5e-6. Away from those, float32 rounding through ResNet-50 and 6 decoders
-    reaches 1.95e-4 (a velocity of 0.17: twice the predicted displacement over the 0.5 s default interval), past
-    the 1e-4 bound. The same comparisons in float64 (the test above), crossings and ranks included, agree to
-    6e-8 relative, so the float32 gaps are rounding: here the bound is 1e-3, a crossing query is left out from
-    the decoder where it crosses (at most 1 % of the queries), and the ranked state is checked in float64 only.
+    (0, 1), and the instance bank and decoder rank by confidence. Measured on the full profile (this scene): at
+    decoder 5 query 565's key point 1 projects to y = 1.0000020 in ours and 0.9999991 in the reference, so one
+    samples it and the other does not (that query's outputs then differ by up to 7e-3, its confidence by 9e-4,
+    and it moves past 8 others among the cached instances); three more pairs of the 600 cached instances swap
+    places, their confidences 3e-7 to 6e-7 apart. Away from those, float32 rounding through ResNet-50 and 6
+    decoders reaches 1.95e-4 (a velocity of 0.17: twice the predicted displacement over the 0.5 s default
+    interval), past the 1e-4 bound. The same comparisons in float64 (the test above), crossings and ranks
+    included, agree to 6e-8 relative, so the float32 gaps are rounding: here the bound is 1e-3, a crossing query is
+    left out from the decoder where it crosses (at most 1 % of the queries), and the ranked state is checked in
+    float64 only.
     """
     from model.blocks import DeformableFeatureAggregation as OurAggregation
 
