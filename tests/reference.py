@@ -9,7 +9,8 @@ these workarounds (nothing else of it is changed):
   empty packages, so the dataset and training code that pull in nuScenes, IPython, ... are never imported);
 * its compiled op ``deformable_aggregation_ext`` is not built: a stand-in module computes its forward and
   backward with ``tests/kernel_oracle.py`` (a transcription of the CUDA kernel's arithmetic), so the
-  reference runs its op path (``use_deformable_func=True``, as its config); in float64 its
+  reference runs its op path (``use_deformable_func=True``, as its config); on CUDA tensors the stand-in calls
+  the compiled op instead where it was built and is importable; in float64 the reference's
   ``deformable_aggregation_function`` (which casts to float32) is served by the oracle directly;
 * its unconditional ``.cuda()`` calls (grid mask, ``instance_id``) are no-ops while it runs on a CPU;
 * its ``FocalLoss`` sees negative denoising targets (-1, -3) as background, as mmcv's CUDA op does (mmdet's
@@ -183,10 +184,27 @@ class OracleAggregation(torch.autograd.Function):
         return grads[0], None, None, grads[1], grads[2]
 
 
+def _compiled_op() -> types.ModuleType | None:
+    """The reference's op as built from its sources (top-level `deformable_aggregation_ext`), if importable."""
+    try:
+        return importlib.import_module("deformable_aggregation_ext")
+    except ImportError:
+        return None
+
+
 def _extension_stand_in(name: str) -> types.ModuleType:
-    """`deformable_aggregation_ext` with the compiled functions' signatures, computed by the kernel oracle."""
+    """`deformable_aggregation_ext` with the compiled functions' signatures: on CUDA tensors the compiled op when it
+    was built (benchmarks/device_check.sh builds it), otherwise the kernel oracle."""
     module = types.ModuleType(name)
-    module.__doc__ = "Stand-in for the unbuilt CUDA op: tests/kernel_oracle.py computes it (tests/reference.py)."
+    module.__doc__ = "Stand-in for the unbuilt op: tests/kernel_oracle.py computes it (tests/reference.py)."
+
+    def forward(mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights):
+        compiled = _compiled_op() if mc_ms_feat.is_cuda else None
+        if compiled is not None:
+            return compiled.deformable_aggregation_forward(
+                mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights
+            )
+        return oracle_forward(mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights)
 
     def backward(
         mc_ms_feat,
@@ -199,11 +217,25 @@ def _extension_stand_in(name: str) -> types.ModuleType:
         grad_sampling_location,
         grad_weights,
     ):
+        compiled = _compiled_op() if mc_ms_feat.is_cuda else None
+        if compiled is not None:
+            compiled.deformable_aggregation_backward(
+                mc_ms_feat,
+                spatial_shape,
+                scale_start_index,
+                sampling_location,
+                weights,
+                grad_output,
+                grad_mc_ms_feat,
+                grad_sampling_location,
+                grad_weights,
+            )
+            return
         grads = oracle_backward(mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights, grad_output)
         for buffer, grad in zip((grad_mc_ms_feat, grad_sampling_location, grad_weights), grads):
             buffer.add_(grad)
 
-    module.deformable_aggregation_forward = oracle_forward
+    module.deformable_aggregation_forward = forward
     module.deformable_aggregation_backward = backward
     return module
 
