@@ -138,6 +138,12 @@ def build_pair(profile: str, device: str, dtype: torch.dtype = torch.float32):
     changed = perturb_weights(ours, seed=2)
     assert any(n.endswith("weights_fc.weight") for n in changed)
     assert any(n.endswith("instance_bank.instance_feature") for n in changed)
+    constant = [
+        n
+        for n, t in ours.state_dict().items()
+        if t.is_floating_point() and t.numel() > 1 and bool((t == t.flatten()[0]).all()) and "fix_scale" not in n
+    ]  # fix_scale: the key points' fixed offsets, part of the architecture
+    assert not constant, f"constant after the perturbation: {constant}"
     reference = build_reference(params, anchor)
     copy_state(ours, reference)
     for model in (ours, reference):
@@ -327,6 +333,8 @@ def test_training_frames_with_temporal_denoising_match_the_reference(profile, de
         compare_head(report, tag, ours_heads[-1], ref_heads[-1], training=True)
         for key in report.same_keys(f"{tag} loss terms", mine[0], theirs[0]):
             report.close(f"{tag} {key}", mine[0][key], theirs[0][key])
+        trainable = {n for n, p in reference.named_parameters() if p.requires_grad}
+        assert set(theirs[1]) == trainable, f"no gradient for {sorted(trainable - set(theirs[1]))[:5]}"
         for name in report.same_keys(f"{tag} parameters with a gradient", mine[1], theirs[1]):
             report.close(f"{tag} grad {name}", mine[1][name], theirs[1][name])
         for i, (a, b) in enumerate(zip(mine[2], theirs[2])):
