@@ -161,8 +161,10 @@ class DeformableFeatureAggregation(nn.Module):
         weights = self.weights_fc(feature).reshape(bs, num_anchor, -1, self.num_groups).softmax(dim=-2)
         weights = weights.reshape(bs, num_anchor, self.num_cams, self.num_levels, self.num_pts, self.num_groups)
         if self.training and self.attn_drop > 0:
-            keep = torch.rand(bs, num_anchor, self.num_cams, 1, self.num_pts, 1, device=weights.device) > self.attn_drop
-            weights = keep.to(weights.dtype) * weights / (1 - self.attn_drop)
+            # drawn from the CPU generator and then moved, as the reference: a seeded step on a GPU is its step
+            draw = torch.rand(bs, num_anchor, self.num_cams, 1, self.num_pts, 1)
+            keep = draw.to(device=weights.device, dtype=weights.dtype) > self.attn_drop
+            weights = keep * weights / (1 - self.attn_drop)
         return weights
 
     @staticmethod

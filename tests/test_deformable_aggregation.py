@@ -94,7 +94,7 @@ def run(
     weights = inputs[2].detach().clone().requires_grad_()
     out = fn(feature_maps, points_2d, weights)
     gen = torch.Generator().manual_seed(seed)
-    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out)
     grads = torch.autograd.grad(out, [*feature_maps, points_2d, weights], grad_out)
     return out.detach(), grads
 
@@ -373,3 +373,39 @@ def test_cuda_ext_missing_raises():
 def test_mx_driving_missing_raises():
     with pytest.raises(RuntimeError, match="mx_driving"):
         deformable_aggregation(*make_inputs(), backend="mx_driving")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# On a GPU (benchmarks/device_check.sh): the torch backend, and the reference's compiled op when it is built
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _on_cuda(inputs: Inputs) -> Inputs:
+    return [f.cuda() for f in inputs[0]], inputs[1].cuda(), inputs[2].cuda()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_cuda_backends_match_the_op(backend):
+    inputs = make_inputs(SHAPES3, seed=13, dtype=torch.float32)
+    inputs = (inputs[0], border_points(SHAPES3, seed=14).float(), inputs[2])
+    out, grads = run(lambda f, p, w: deformable_aggregation(f, p, w, backend=backend), _on_cuda(inputs))
+    ref_out, ref_grads = run(oracle, inputs)
+    torch.testing.assert_close(out.cpu(), ref_out, atol=1e-5, rtol=1e-5)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad.cpu(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.skipif(not any(_importable(m) for m in CUDA_EXT_MODULES), reason="the reference's CUDA op is not built")
+def test_compiled_reference_op_equals_the_oracle():
+    """The oracle is what the kernel computes: checked against the kernel itself, borders included."""
+    inputs = make_inputs(SHAPES3, seed=15, dtype=torch.float32)
+    inputs = (inputs[0], border_points(SHAPES3, seed=16).float(), inputs[2])
+    out, grads = run(lambda f, p, w: deformable_aggregation(f, p, w, backend="cuda_ext"), _on_cuda(inputs))
+    ref_out, ref_grads = run(oracle, inputs)
+    torch.testing.assert_close(out.cpu(), ref_out, atol=1e-5, rtol=1e-5)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad.cpu(), ref, atol=1e-5, rtol=1e-5)
