@@ -352,6 +352,41 @@ def flat_metrics(summary: dict) -> dict:
     }
 
 
+def validate(
+    model: torch.nn.Module,
+    dataset: Any,
+    data_root: str,
+    version: str,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict | None:
+    """Detection metrics (flat_metrics) of `model` on a val `dataset` (test mode, temporal order),
+    for validation during training: every rank infers its run of whole sequences; rank 0 writes
+    the submission and runs the devkit in a temporary folder, removed afterwards, and returns the
+    metrics; the other ranks return None. Leaves the model in eval mode with an empty instance
+    bank: the caller restores what it needs."""
+    import shutil
+    import tempfile
+
+    from pipeline.dataset import collate
+
+    results = infer(model, dataset, sequence_chunks(dataset.flag, world_size)[rank], device, collate, False)
+    if world_size > 1:
+        gathered: list = [None] * world_size
+        torch.distributed.all_gather_object(gathered, results)
+        results = {k: v for part in gathered for k, v in part.items()}
+    if rank != 0:
+        return None
+    folder = tempfile.mkdtemp(prefix="sparse4d-val-")
+    try:
+        result_path = os.path.join(folder, "results_nusc.json")
+        write_results(result_path, submission(results, dataset.data_infos, list(dataset.classes)))
+        return flat_metrics(nuscenes_eval(result_path, data_root, version, os.path.join(folder, "eval")))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def flat_tracking_metrics(summary: dict) -> dict:
     """The devkit's tracking summary -> AMOTA, AMOTP, MOTA, RECALL, IDS, FRAG, per-class AMOTA.
     A metric the devkit leaves undefined (nan: no ground truth of a class, no recall threshold

@@ -285,6 +285,7 @@ SCHEMA: dict[str, Any] = {
         "precision": Choice("auto", "fp32", "fp16", "bf16"),
         "loss_scale": Either(Float(0.0, lo_open=True), Choice("dynamic")),
         "checkpoint_interval": Int(1),
+        "eval_interval": Int(0),  # iterations between validations on the val split; 0: none
         "max_nonfinite_steps": Int(1),
         "num_workers": Int(0),
         "seed": Int(0),

@@ -4,6 +4,10 @@ Resume is exact on CPU with a fixed seed: a checkpoint holds the model, optimise
 iteration (the schedule is a function of it), the number of batches the sampler has handed out,
 every RNG state (torch, numpy, python; the sampler's own numpy state) and the head's temporal
 state (cached instances and denoising queries), so the run continues as if never stopped.
+
+With train.eval_interval > 0 the weights are scored on the val split every that many iterations
+(pipeline.evaluate.validate), logged as val/mAP, val/NDS, ... beside the losses; the temporal
+state and every RNG are put back afterwards, so validation does not change the trained weights.
 """
 
 from __future__ import annotations
@@ -183,6 +187,74 @@ def set_temporal_state(model: torch.nn.Module, state: dict) -> None:
     model.head.sampler.dn_metas = state["dn_metas"]
 
 
+VAL_METRICS = ("mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE")
+
+
+def validation_dataset(params: dict, val_infos: str) -> Any:
+    """The val infos read as the evaluate stage reads them for a checkpoint trained here: test
+    mode, one sequence per scene, the training's image path (train.eval_interval > 0 only)."""
+    from pipeline.dataset import Sparse4DDataset
+    from pipeline.evaluate import EVAL_SETS
+
+    version = params["convert"]["version"]
+    if version not in EVAL_SETS:
+        raise TrainError(
+            f"train.eval_interval: convert.version {version} has no annotated val split to validate on "
+            f"(expected {list(EVAL_SETS)}, or train.eval_interval: 0)"
+        )
+    if not Path(val_infos).is_file():
+        raise TrainError(f"{val_infos}: val info pkl not found (run the convert stage; train.eval_interval needs it)")
+    dataset = Sparse4DDataset(
+        val_infos,
+        classes=list(params["model"]["classes"]),
+        data_aug_conf=dict(params["data"]["aug"]),
+        test_mode=True,
+        fast_images=bool(params["data"].get("fast_images", False)),
+        with_seq_flag=True,
+        sequences_split_num=1,
+        keep_consistent_seq_aug=False,
+    )
+    if dataset.metadata.get("version") != version:
+        raise TrainError(
+            f"{val_infos} was converted from {dataset.metadata.get('version')}, but convert.version is {version}"
+        )
+    return dataset
+
+
+def _snapshot(obj: Any) -> Any:
+    """A copy that inference cannot change: containers copied, tensors cloned."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj
+
+
+def validate_between_steps(model: torch.nn.Module, dataset: Any, convert: dict, dist: Dist) -> dict | None:
+    """pipeline.evaluate.validate between two iterations, leaving training exactly as it was: the
+    head's temporal state and every RNG are put back and the model is in train mode again, so a
+    run with validation trains the same weights as one without. Every rank infers its share;
+    rank 0 gets the metrics (None elsewhere), the others wait for it."""
+    from pipeline.evaluate import EvaluateError, validate
+
+    temporal, rng = _snapshot(temporal_state(model)), rng_state()
+    try:
+        metrics = validate(
+            model, dataset, str(convert["data_root"]), str(convert["version"]), dist.device, dist.rank, dist.world_size
+        )
+    except EvaluateError as err:
+        raise TrainError(f"train.eval_interval: validation failed: {err}") from err
+    finally:
+        set_temporal_state(model, temporal)
+        set_rng_state(rng)
+        model.train()
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    return metrics
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     import io
 
@@ -192,9 +264,17 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 
 def train(
-    params: dict, infos: str, anchors: str, backbone_manifest: str, out_dir: str, metrics_path: str, live_dir: str
+    params: dict,
+    infos: str,
+    anchors: str,
+    backbone_manifest: str,
+    out_dir: str,
+    metrics_path: str,
+    live_dir: str,
+    val_infos: str = "data/infos/nuscenes_infos_val.pkl",
 ) -> dict:
-    """Run (or resume) training with the `train`, `model` and `data` sections of params."""
+    """Run (or resume) training with the `train`, `model` and `data` sections of params; with
+    train.eval_interval > 0, validate on `val_infos` (and the `convert` section's dataset) too."""
     from model import build_model
     from pipeline.dataset import Sparse4DDataset, collate
     from pipeline.sampler import GroupInBatchSampler
@@ -233,6 +313,8 @@ def train(
         use_valid_flag=bool(dp.get("use_valid_flag", False)),
     )
     iters_per_epoch = max(1, len(dataset) // total_batch)
+    eval_interval = int(tp["eval_interval"])
+    val_dataset = validation_dataset(params, val_infos) if eval_interval > 0 else None
     max_iters = int(tp.get("iterations") or 0) or int(float(tp["epochs"]) * iters_per_epoch)
     anchor = np.load(anchors)
     if int(mp.get("num_anchor", len(anchor))) != len(anchor):
@@ -382,6 +464,16 @@ def train(
             live.next_step()
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr * factor:.2e}")
         bar.update()
+        if val_dataset is not None and it % eval_interval == 0:
+            start = time.perf_counter()
+            val = validate_between_steps(model, val_dataset, params["convert"], dist)
+            if val is not None and live is not None:  # rank 0
+                bar.write(
+                    f"train: validation after iteration {it}: mAP {val['mAP']:.4f}, NDS {val['NDS']:.4f} "
+                    f"({time.perf_counter() - start:.1f} s)"
+                )
+                for key in VAL_METRICS:  # at step `it`, as the losses of the next forward: the same weights
+                    live.log_metric(f"val/{key}", float(val[key]))
         if it % checkpoint_interval == 0 or it == max_iters:
             _checkpoint(out, model, optimizer, scaler, it, consumed, nonfinite_total, history, fingerprint, dist)
     bar.close()
@@ -476,7 +568,14 @@ def summarize(
 
 
 def worker_main(
-    params_path: str, infos: str, anchors: str, backbone_manifest: str, out_dir: str, metrics_path: str, live_dir: str
+    params_path: str,
+    infos: str,
+    anchors: str,
+    backbone_manifest: str,
+    out_dir: str,
+    metrics_path: str,
+    live_dir: str,
+    val_infos: str = "data/infos/nuscenes_infos_val.pkl",
 ) -> int:
     """Entry point of each training process."""
     import sys
@@ -490,7 +589,7 @@ def worker_main(
     with open(params_path) as f:
         params = yaml.safe_load(f)
     try:
-        train(params, infos, anchors, backbone_manifest, out_dir, metrics_path, live_dir)
+        train(params, infos, anchors, backbone_manifest, out_dir, metrics_path, live_dir, val_infos)
     except (TrainError, DatasetError, SamplerError, DeviceError) as err:
         print(f"train: {err}", file=sys.stderr)
         return 2
@@ -504,5 +603,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     for name in ("params", "infos", "anchors", "backbone", "out", "metrics", "live"):
         parser.add_argument(f"--{name}", required=True)
+    parser.add_argument("--val-infos", default="data/infos/nuscenes_infos_val.pkl")
     a = parser.parse_args()
-    sys.exit(worker_main(a.params, a.infos, a.anchors, a.backbone, a.out, a.metrics, a.live))
+    sys.exit(worker_main(a.params, a.infos, a.anchors, a.backbone, a.out, a.metrics, a.live, a.val_infos))

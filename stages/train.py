@@ -17,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--infos", default="data/infos/nuscenes_infos_train.pkl")
+    parser.add_argument(
+        "--val-infos", default="data/infos/nuscenes_infos_val.pkl", help="read when train.eval_interval > 0"
+    )
     parser.add_argument("--anchors", default="data/anchors/nuscenes_kmeans.npy")
     parser.add_argument("--backbone", default="ckpt/backbone.json")
     parser.add_argument("--out", default="runs/train")
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     worker_args = [
         "--params", args.params, "--infos", args.infos, "--anchors", args.anchors, "--backbone", args.backbone,
-        "--out", args.out, "--metrics", args.metrics, "--live", args.live,
+        "--out", args.out, "--metrics", args.metrics, "--live", args.live, "--val-infos", args.val_infos,
     ]  # fmt: skip
     return run_workers(
         "pipeline.train", worker_args, device, devices, nnodes, int(tp["node_rank"]), str(tp["master_addr"]),

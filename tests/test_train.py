@@ -1,14 +1,17 @@
 """Training: resume after kill -9 equals an uninterrupted run, non-finite steps, clear errors,
-and a 2-process gloo DDP run through `dvc repro train`, all on a tiny configuration."""
+validation during training, and a 2-process gloo DDP run through `dvc repro train`, all on a
+tiny configuration."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from model.detector import CLASSES
 from pipeline.anchors import kmeans_anchors
 from pipeline.convert import convert
 from pipeline.devices import DeviceError
-from pipeline.train import TrainError, train
+from pipeline.train import VAL_METRICS, TrainError, train
 from tests.conftest import ROOT
 
 TINY_MODEL = dict(
@@ -46,25 +49,27 @@ def tiny_params(**train) -> dict:
 
 @pytest.fixture(scope="module")
 def workspace(small_twin, tmp_path_factory):
-    """The small twin's root (cwd of the runs) with train infos and 20 anchors."""
+    """The small twin's root (cwd of the runs) with train and val infos and 20 anchors."""
     root = small_twin.parent.parent
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        infos = convert("data/nuscenes", "v1.0-mini")["train"]
+        splits = convert("data/nuscenes", "v1.0-mini")
     finally:
         os.chdir(cwd)
     import pickle
 
+    infos = splits["train"]
     (root / "data" / "infos").mkdir(parents=True, exist_ok=True)
-    with open(root / "data" / "infos" / "train.pkl", "wb") as f:
-        pickle.dump(infos, f)
+    for split in ("train", "val"):
+        with open(root / "data" / "infos" / f"{split}.pkl", "wb") as f:
+            pickle.dump(splits[split], f)
     boxes = np.concatenate([i["gt_boxes"] for i in infos["infos"]])
     np.save(root / "data" / "anchors.npy", kmeans_anchors(boxes, 20, 55.0, 0)[0])
     return root
 
 
-def run_train(workspace: Path, out: Path, params: dict) -> dict:
+def run_train(workspace: Path, out: Path, params: dict, val_infos: str = "data/infos/val.pkl") -> dict:
     return train(
         params,
         "data/infos/train.pkl",
@@ -73,6 +78,7 @@ def run_train(workspace: Path, out: Path, params: dict) -> dict:
         str(out),
         str(out / "train.json"),
         str(out / "live"),
+        val_infos,
     )
 
 
@@ -118,6 +124,48 @@ def test_resume_after_kill_equals_an_uninterrupted_run(workspace, tmp_path, monk
     a = torch.load(tmp_path / "straight" / "model.pth", weights_only=False)["state_dict"]
     b = torch.load(out / "model.pth", weights_only=False)["state_dict"]
     assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_validation_logs_accuracy_curves_and_leaves_the_weights_unchanged(workspace, tmp_path, monkeypatch):
+    """train.eval_interval 2 over 5 iterations: the val split is scored after iterations 2 and 4,
+    mAP, NDS and the TP errors land in the DVCLive curves at those steps, the devkit's files are
+    gone afterwards, and the final weights equal those of the same run without validation (the
+    instance bank's cache, the denoising queries and every RNG are put back). Inference draws no
+    random numbers today; here it draws from every RNG, as a change of the data path could."""
+    import random
+
+    import pipeline.evaluate
+
+    monkeypatch.chdir(workspace)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    real_validate = pipeline.evaluate.validate
+
+    def drawing_validate(*args, **kwargs):
+        torch.rand(3), np.random.rand(3), random.random()
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.evaluate, "validate", drawing_validate)
+    run_train(workspace, tmp_path / "plain", tiny_params(iterations=5))
+    run_train(workspace, tmp_path / "validated", tiny_params(iterations=5, eval_interval=2))
+
+    curves = tmp_path / "validated" / "live" / "plots" / "metrics" / "val"
+    for key in VAL_METRICS:
+        rows = list(csv.DictReader((curves / f"{key}.tsv").read_text().splitlines(), delimiter="\t"))
+        steps = [int(row["step"]) for row in rows]
+        values = [float(row[key]) for row in rows]
+        assert steps == [2, 4], (key, steps)
+        assert all(0.0 <= v <= (1.0 if key in ("mAP", "NDS") else 10.0) for v in values), (key, values)
+    summary = json.loads((tmp_path / "validated" / "live" / "metrics.json").read_text())
+    assert set(VAL_METRICS) <= set(summary["val"])
+    assert not (tmp_path / "plain" / "live" / "plots" / "metrics" / "val").exists()
+    assert list(scratch.iterdir()) == []
+
+    a = torch.load(tmp_path / "plain" / "model.pth", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "validated" / "model.pth", weights_only=False)["state_dict"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
@@ -191,6 +239,8 @@ def test_errors_name_what_is_wrong(workspace, tmp_path, monkeypatch):
             str(tmp_path / "m.json"),
             str(tmp_path / "l"),
         )
+    with pytest.raises(TrainError, match="no-val.pkl"):
+        run_train(workspace, tmp_path, tiny_params(eval_interval=2), val_infos="data/no-val.pkl")
     with pytest.raises(TrainError, match="model.num_anchor"):
         run_train(workspace, tmp_path, {**tiny_params(), "model": {**TINY_MODEL, "num_anchor": 30}})
     if not hasattr(torch, "npu"):
@@ -206,7 +256,8 @@ def test_errors_name_what_is_wrong(workspace, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_two_process_ddp_through_dvc_repro_train(tmp_path):
-    """`dvc repro train` in a copy of the project with a tiny twin and 2 gloo processes."""
+    """`dvc repro train` in a copy of the project with a tiny twin and 2 gloo processes, validating
+    on the val split after the last iteration (both processes infer, rank 0 logs)."""
     work = tmp_path / "project"
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
@@ -215,7 +266,7 @@ def test_two_process_ddp_through_dvc_repro_train(tmp_path):
         if (ROOT / name).is_file() and not name.startswith("tests/"):
             (work / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, work / name)
-    params = tiny_params(devices=2, total_batch_size=2, iterations=3)
+    params = tiny_params(devices=2, total_batch_size=2, iterations=3, eval_interval=3)
     params["synthesize"].update(
         num_scenes=3, samples_per_scene=3, objects_per_scene=30, image_width=640, image_height=360
     )
@@ -237,3 +288,5 @@ def test_two_process_ddp_through_dvc_repro_train(tmp_path):
     metrics = json.loads((work / "metrics" / "train.json").read_text())
     assert metrics["world_size"] == 2 and metrics["iterations"] == 3 and metrics["global_batch"] == 2
     assert (work / "runs" / "train" / "model.pth").is_file()
+    curve = (work / "runs" / "train" / "live" / "plots" / "metrics" / "val" / "mAP.tsv").read_text()
+    assert [int(row["step"]) for row in csv.DictReader(curve.splitlines(), delimiter="\t")] == [3]
