@@ -31,7 +31,7 @@ Backends (``deformable_aggregation(..., backend=...)``):
   own autograd.
 
 ``"auto"`` picks ``mx_driving`` for NPU tensors when it imports, ``cuda_ext`` for CUDA tensors when the extension
-imports, and ``torch`` otherwise. Neither torch_npu, mx_driving nor the extension is imported at module import.
+imports, and ``torch`` otherwise (and always for float64 inputs: the compiled ops compute in float32). Neither torch_npu, mx_driving nor the extension is imported at module import.
 
 Both compiled ops take the features flattened channel-last, see :func:`flatten_feature_maps`. Their semantics,
 which the released checkpoints were trained with and which the torch backend follows: a (point, camera) whose
@@ -598,7 +598,8 @@ def _compiled_aggregation(
         points_2d.float().contiguous(),  # (bs, num_anchor, num_pts, num_cams, 2)
         weights.float().contiguous(),  # (bs, num_anchor, num_pts, num_cams, num_levels, num_groups)
     )
-    return out.reshape(bs, num_anchor, -1)
+    result_dtype = torch.promote_types(torch.promote_types(feature_maps[0].dtype, points_2d.dtype), weights.dtype)
+    return out.reshape(bs, num_anchor, -1).to(result_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -641,7 +642,9 @@ def deformable_aggregation(
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _check_inputs(feature_maps, points_2d, weights)
     if backend == "auto":
-        backend = select_backend(points_2d.device)
+        # the compiled ops compute in float32: float64 (the parity tests, gradcheck) stays on the torch backend
+        float64 = torch.float64 in (feature_maps[0].dtype, points_2d.dtype, weights.dtype)
+        backend = "torch" if float64 else select_backend(points_2d.device)
     if backend == "grid_sample":
         return deformable_aggregation_grid_sample(feature_maps, points_2d, weights)
     if backend == "torch":
