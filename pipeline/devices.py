@@ -5,7 +5,6 @@ torch_npu is optional: it is imported only when an NPU is asked for or auto-dete
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
@@ -145,17 +144,19 @@ def init_distributed(device_type: str) -> Dist:
     return Dist(rank, local_rank, world_size, device)
 
 
-def autocast(device: torch.device, precision: str):
-    """fp16 autocast on cuda/npu, bf16 on cpu when asked, else nothing."""
+def amp_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype of the model's image features: fp16 on cuda/npu, bf16 anywhere when
+    asked, else None (fp32). See `Sparse4D.set_mixed_precision`."""
     if precision == "fp16" and device.type in ("cuda", "npu"):
-        return torch.autocast(device_type=device.type, dtype=torch.float16)
+        return torch.float16
     if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        return torch.bfloat16
+    return None
 
 
 def grad_scaler(device: torch.device, precision: str, init_scale: float = 32.0):
-    """Loss scaling for fp16 (the reference's loss scale 32); disabled otherwise."""
+    """Loss scaling for fp16 (the reference's static loss scale 32: pass it to `update` every
+    step; or dynamic from `init_scale`); disabled otherwise."""
     enabled = precision == "fp16" and device.type in ("cuda", "npu")
     if device.type == "npu" and enabled:
         from torch_npu.npu.amp import GradScaler as NpuGradScaler

@@ -501,7 +501,7 @@ def evaluate(params: dict, infos_path: str, checkpoint: str, out_dir: str, metri
 
     from model import build_model
     from pipeline.dataset import Sparse4DDataset, collate
-    from pipeline.devices import init_distributed, resolve_device
+    from pipeline.devices import amp_dtype, init_distributed, resolve_device
 
     ep, mp, dp, cp = params["evaluate"], params["model"], params["data"], params["convert"]
     ckpt_path = str(ep.get("checkpoint") or checkpoint)
@@ -521,13 +521,21 @@ def evaluate(params: dict, infos_path: str, checkpoint: str, out_dir: str, metri
     anchor = state["head.instance_bank.anchor"].numpy()
     model = build_model(dict(mp), anchor).to(dist.device)
     model.load_state_dict(state, strict=True)
+    precision = str(ep["precision"])
+    if precision == "auto":
+        precision = "fp16" if dist.device.type in ("cuda", "npu") else "fp32"
+    model.set_mixed_precision(amp_dtype(dist.device, precision))
     if dist.device.type == "cpu":
         model.use_channels_last()
+    # the fast image path only for a checkpoint trained on it here (data.fast_images); any other, e.g. the
+    # released weights, is evaluated on the reference's exact images
+    fast_images = bool(dp["fast_images"]) and bool(ckpt.get("fast_images", False))
     dataset = Sparse4DDataset(
         infos_path,
         classes=list(mp["classes"]),
         data_aug_conf=dict(dp["aug"]),
         test_mode=True,
+        fast_images=fast_images,
         with_seq_flag=True,
         sequences_split_num=1,
         keep_consistent_seq_aug=False,

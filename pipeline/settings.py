@@ -294,6 +294,7 @@ SCHEMA: dict[str, Any] = {
         "device": DEVICE,
         "devices": Int(1),
         "checkpoint": Str(),
+        "precision": Choice("auto", "fp32", "fp16", "bf16"),
         "tracking_threshold": PROBABILITY,
         "draw_frames": Int(0),
         "draw_score_threshold": PROBABILITY,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.devices import Dist, autocast, grad_scaler, init_distributed, resolve_device
+from pipeline.devices import Dist, amp_dtype, grad_scaler, init_distributed, resolve_device
 from pipeline.params import write_bytes_atomic, write_json_atomic
 from pipeline.settings import REFERENCE_BATCH, identity_params
 
@@ -81,7 +81,9 @@ class SeededBatches:
 
 
 class SeededDataset(torch.utils.data.Dataset):
-    """Seeds numpy per item (photometric distortion etc. then do not depend on the worker)."""
+    """Seeds numpy per item (photometric distortion etc. then do not depend on the worker), and
+    puts the caller's numpy state back: with num_workers 0 items load in the training process,
+    whose numpy stream (the grid mask) must not depend on the loading."""
 
     def __init__(self, dataset: Any):
         self.dataset = dataset
@@ -91,8 +93,12 @@ class SeededDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: dict) -> dict:
         item = dict(item)
+        saved = np.random.get_state()
         np.random.seed(item.pop("seed"))
-        return self.dataset[item if "aug_config" in item else item["idx"]]
+        try:
+            return self.dataset[item if "aug_config" in item else item["idx"]]
+        finally:
+            np.random.set_state(saved)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -345,7 +351,10 @@ def train(
         lr=lr,
         weight_decay=float(tp["weight_decay"]),
     )
-    scaler = grad_scaler(dist.device, precision)
+    model.set_mixed_precision(amp_dtype(dist.device, precision))
+    loss_scale = tp.get("loss_scale", 32.0)
+    static_scale = None if str(loss_scale) == "dynamic" else float(loss_scale)
+    scaler = grad_scaler(dist.device, precision, init_scale=static_scale or 2.0**16)
     ddp = model
     if dist.world_size > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -417,8 +426,7 @@ def train(
         factor = lr_factor(it, max_iters, int(tp["warmup_iters"]), float(tp["warmup_ratio"]), float(tp["min_lr_ratio"]))
         for group in optimizer.param_groups:
             group["lr"] = lr * factor * group["lr_mult"]
-        with autocast(dist.device, precision):
-            losses = ddp(batch)
+        losses = ddp(batch)  # mixed precision inside: the model's image features only
         loss = sum(v.float() for v in losses.values())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -440,7 +448,7 @@ def train(
                     f"train: {consecutive_nonfinite} consecutive iterations with a non-finite loss or gradient "
                     f"(iteration {it}; train.max_nonfinite_steps = {max_nonfinite}); lower train.lr or check the data"
                 )
-        scaler.update()
+        scaler.update(static_scale)  # a static scale (the reference's 32) is set back every step
         step_time = time.perf_counter() - t0
         loss_value = float(loss.detach())
         it += 1
@@ -480,7 +488,10 @@ def train(
     summary = {}
     if dist.main:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        save_checkpoint(out / "model.pth", {"state_dict": state, "model": dict(mp), "iteration": it})
+        # fast_images: the image path it was trained on, so evaluation uses the same one (a checkpoint
+        # from elsewhere, without the key, is evaluated on the reference's exact images)
+        meta = {"model": dict(mp), "iteration": it, "fast_images": bool(dp["fast_images"])}
+        save_checkpoint(out / "model.pth", {"state_dict": state, **meta})
         summary = summarize(history, total_batch, dist.world_size, device_type, nonfinite_total)
         write_json_atomic(metrics_path, summary)
         if live is not None:
