@@ -37,7 +37,7 @@ def test_fresh_clone_repro_reproduces_lock(tmp_path):
         assert lock["stages"][stage]["outs"] == committed["stages"][stage]["outs"], stage
     assert (clone / "data" / "nuscenes" / "v1.0-mini" / "sample.json").is_file()
     shown = dvc(clone, "metrics", "show").stdout
-    for name in ("boxes_used", "samples", "mAP", "NDS", "step_time_s", "samples_per_s"):
+    for name in ("boxes_used", "samples", "mAP", "NDS", "AMOTA", "AMOTP", "MOTA", "IDS", "step_time_s", "samples_per_s"):
         assert name in shown, name
     metrics = json.loads((clone / "metrics" / "evaluate.json").read_text())
     assert 0.0 <= metrics["mAP"] <= 1.0 and set(metrics["per_class_AP"]) == set(
@@ -47,9 +47,11 @@ def test_fresh_clone_repro_reproduces_lock(tmp_path):
     # give or take what another CPU's kernels change.
     assert metrics["mAP"] >= 0.8 * committed_metrics["mAP"], (metrics["mAP"], committed_metrics["mAP"])
     assert metrics["NDS"] >= 0.8 * committed_metrics["NDS"], (metrics["NDS"], committed_metrics["NDS"])
+    assert all(isinstance(metrics[k], (int, float)) for k in ("AMOTA", "AMOTP", "MOTA", "IDS")), metrics
     dvc(clone, "plots", "show", "-o", str(tmp_path / "plots"))
     html = (tmp_path / "plots" / "index.html").read_text()
-    assert "loss" in html and "per_class_ap.png" in html
+    for name in ("loss", "per_class_ap.png", "frame_0.png", "tracks.png"):
+        assert name in html, name
 
     # A changed training parameter reruns train and evaluate, nothing upstream.
     out = dvc(clone, "exp", "run", "-S", "train.lr=3e-4", "-S", "train.iterations=6").stdout
