@@ -276,6 +276,8 @@ def nuscenes_eval(result_path: str, data_root: str, version: str, out_dir: str, 
     summary["eval_time_s"] = round(time.perf_counter() - start, 2)
     if plots_dir is not None:
         render_pr_curves(evaluator, metrics, metric_data, plots_dir)
+        cfg = evaluator.cfg
+        pr_curve_tables(metric_data, list(cfg.class_names), list(cfg.dist_ths), os.path.join(out_dir, "pr"))
     return summary
 
 
@@ -334,6 +336,19 @@ def render_pr_curves(evaluator: Any, metrics: Any, metric_data: Any, plots_dir: 
             cfg.min_recall,
             savepath=os.path.join(plots_dir, f"pr_{name}.png"),
         )
+
+
+def pr_curve_tables(metric_data: Any, classes: list[str], dist_ths: list[float], folder: str) -> None:
+    """The devkit's precision/recall curves as data for `dvc plots` (pr_* in dvc.yaml): one CSV
+    per distance threshold, folder/dist_<th>m.csv, a recall column and one precision column per
+    class (the devkit interpolates every curve onto the same 101 recall points)."""
+    for th in dist_ths:
+        recall = np.asarray(metric_data[(classes[0], th)].recall)
+        columns = {name: np.asarray(metric_data[(name, th)].precision) for name in classes}
+        lines = [",".join(["recall", *classes])]
+        for i, r in enumerate(recall):
+            lines.append(",".join([f"{r:.4f}", *(f"{columns[n][i]:.4f}" for n in classes)]))
+        write_bytes_atomic(os.path.join(folder, f"dist_{th:g}m.csv"), ("\n".join(lines) + "\n").encode())
 
 
 def flat_metrics(summary: dict) -> dict:
@@ -431,6 +446,16 @@ def per_class_chart(ap: dict[str, float], amota: dict[str, float], path: str) ->
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def per_class_table(ap: dict[str, float], amota: dict[str, float], folder: str) -> None:
+    """The per-class chart's numbers as data for `dvc plots` (the bar charts per_class_ap and
+    per_class_amota in dvc.yaml): folder/per_class_ap.csv (class, AP: mean over the distance
+    thresholds, every class) and folder/per_class_amota.csv (class, AMOTA: the tracking classes
+    the devkit scored)."""
+    for name, values in (("AP", ap), ("AMOTA", amota)):
+        lines = [f"class,{name}", *(f"{cls},{value:.4f}" for cls, value in values.items())]
+        write_bytes_atomic(os.path.join(folder, f"per_class_{name.lower()}.csv"), ("\n".join(lines) + "\n").encode())
 
 
 def global_box(translation: list, size_wlh: list, rotation: list) -> np.ndarray:
@@ -575,6 +600,8 @@ def evaluate(params: dict, infos_path: str, checkpoint: str, out_dir: str, metri
         per_class_chart(
             metrics["per_class_AP"], metrics["per_class_AMOTA"], os.path.join(plots_dir, "per_class_ap.png")
         )
+        # the same numbers as data, in the cached output (dvc plots diff compares them across runs)
+        per_class_table(metrics["per_class_AP"], metrics["per_class_AMOTA"], str(out))
     else:
         log.append(
             f"convert.version {cp['version']} has no annotated val split: detection and tracking were not "
