@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,10 @@ import time
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.test_dag import stand_ins  # noqa: E402  (the tests' stand-in outputs, one definition)
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_FRAMES = 34_149
@@ -61,25 +64,6 @@ def simulate_tree(root: Path, scale: float) -> int:
             f.truncate(int(mb * scale * 2**20) or 1)
         count += 1
     return count
-
-
-def stand_ins(project: Path) -> None:
-    rendered = yaml.safe_load((project / "params.yaml").read_text())
-    for spec in yaml.safe_load((project / "dvc.yaml").read_text())["stages"].values():
-        paths = [str(d) for d in spec.get("deps", [])]
-        for kind in ("outs", "metrics", "plots"):
-            paths += [str(next(iter(e)) if isinstance(e, dict) else e) for e in spec.get(kind, [])]
-        for path in paths:
-            path = re.sub(r"\$\{(\w+)\.(\w+)\}", lambda m: str(rendered[m[1]][m[2]]), path)
-            target = project / path
-            if target.exists():
-                continue
-            if target.suffix:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(f"stand-in for {path}")
-            else:
-                target.mkdir(parents=True)
-                (target / "stand-in").write_text(path)
 
 
 def make_project(dest: Path, data_root: Path, baseline: bool) -> Path:
