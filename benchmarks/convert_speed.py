@@ -6,24 +6,21 @@ sweeps, and file samples outside the train scenes under val, as it does. (tests/
 checks our output against the reference converter itself.) Both run on the same synthetic twin scaled to 100+ scenes (v1.0-trainval names), and
 their outputs are compared before the times are printed.
 
-Run: python benchmarks/convert_speed.py [--scenes 120] [--samples 20] [--keep DIR]
+Run: python -m benchmarks.convert_speed [--scenes 120] [--samples 20] [--keep DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.convert import CAMERA_TYPES, NAME_MAPPING, convert, split_scenes  # noqa: E402
-from pipeline.twin.writer import TwinConfig, write_twin  # noqa: E402
+from pipeline.convert import CAMERA_TYPES, NAME_MAPPING, convert, split_scenes
+from pipeline.twin.writer import TwinConfig, write_twin
 
 
 def devkit_walk(root: str, version: str, max_sweeps: int = 10) -> dict[str, list[dict]]:

@@ -11,7 +11,7 @@ dependency, not the stages'. The baseline (the same project with `${convert.data
 dependency of convert and evaluate, no fingerprint stage) first hashes every file once (`dvc
 commit`), then `dvc status` is timed as for ours; `--baseline-timeout` caps each of its commands.
 
-Run: python benchmarks/dag_status_speed.py [--scale 1.0] [--baseline-timeout 3600] [--keep DIR]
+Run: python -m benchmarks.dag_status_speed [--scale 1.0] [--baseline-timeout 3600] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -27,9 +27,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.test_dag import stand_ins  # noqa: E402  (the tests' stand-in outputs, one definition)
+from tests.test_dag import stand_ins  # the tests' stand-in outputs, one definition
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_FRAMES = 34_149
@@ -91,9 +89,8 @@ def make_project(dest: Path, data_root: Path, baseline: bool) -> Path:
         subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
     stand_ins(dest)
     if not baseline:  # the real fingerprint of the tree, so that a no-op repro finds it unchanged
-        run(
-            dest, [sys.executable, "stages/fingerprint.py", "--params", "params.yaml", "--out", "data/fingerprint.json"]
-        )
+        fingerprint = ["-m", "stages.fingerprint", "--params", "params.yaml", "--out", "data/fingerprint.json"]
+        run(dest, [sys.executable, *fingerprint])
     return dest
 
 

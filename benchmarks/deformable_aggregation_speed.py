@@ -18,7 +18,7 @@ exits with status 1 when it does not; it also prints how far the grid_sample for
 differ in the half-pixel band around each feature map). With --device cuda and the reference's compiled op
 importable (module deformable_aggregation_ext), the op itself is checked and timed too.
 
-Run: python benchmarks/deformable_aggregation_speed.py [--anchors 1220] [--repeats 3] [--threads 2] [--device cpu]
+Run: python -m benchmarks.deformable_aggregation_speed [--anchors 1220] [--repeats 3] [--threads 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -28,20 +28,17 @@ import math
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model.ops.deformable_aggregation import (  # noqa: E402
+from model.ops.deformable_aggregation import (
     _load_cuda_ext,
     deformable_aggregation,
     deformable_aggregation_grid_sample,
     flatten_feature_maps,
 )
-from tests.kernel_oracle import deformable_aggregation_oracle  # noqa: E402
+from tests.kernel_oracle import deformable_aggregation_oracle
 
 IMAGE_WH = (704, 256)
 STRIDES = (4, 8, 16, 32)

@@ -7,7 +7,7 @@ AdamW update — the train stage's step. Mixed precision is the reference's spli
 (backbone, neck, depth net) in fp16, the head and the losses in fp32. Prints the mean step time of each
 precision after warm-up, the ratio, the peak memory and whether every loss and gradient is finite.
 
-Run: python benchmarks/device_check.py [--device cuda] [--batch 6] [--iters 5] [--warmup 2]
+Run: python -m benchmarks.device_check [--device cuda] [--batch 6] [--iters 5] [--warmup 2]
 """
 
 from __future__ import annotations

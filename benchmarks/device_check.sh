@@ -7,11 +7,11 @@
 #      and the compiled op against the kernel oracle;
 #   3. the full seed model's training step, fp16 (the reference's mixed precision) against fp32;
 #   4. the deformable aggregation benchmark on the GPU.
-# Run from the repository root in the project's environment: bash benchmarks/device_check.sh [log folder]
+# Run from the repository root in the project's environment (the scripts run as `python -m`, so the
+# checkout's own code is imported): bash benchmarks/device_check.sh [log folder]
 set -uo pipefail
 out=${1:-device_check}
 mkdir -p "$out"
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 summary=()
 
 run_step() {  # name, command...: log to $out/name.log, keep the tail, remember the outcome
@@ -33,12 +33,12 @@ if [ -d "$ref/projects/mmdet3d_plugin/ops/src" ] && command -v nvcc >/dev/null; 
   cp -r "$ref/projects/mmdet3d_plugin/ops/." "$build/"
   sed -i 's#<THC/THCAtomics.cuh>#<ATen/cuda/Atomic.cuh>#' "$build/src/deformable_aggregation_cuda.cu"
   run_step build_op bash -c "cd '$build' && FORCE_CUDA=1 MAX_JOBS=8 python setup.py build_ext --inplace"
-  export PYTHONPATH=$PYTHONPATH:$build
+  export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$build
 fi
 
 run_step cuda_tests python -m pytest -m cuda -q -p no:cacheprovider tests/test_deformable_aggregation.py tests/test_parity_model.py
 run_step train_step python -m benchmarks.device_check --device cuda
-run_step aggregation python benchmarks/deformable_aggregation_speed.py --device cuda --repeats 5
+run_step aggregation python -m benchmarks.deformable_aggregation_speed --device cuda --repeats 5
 
 echo "== summary"
 printf '%s\n' "${summary[@]}"

@@ -14,7 +14,7 @@ identical, and the image difference in grey levels (0..255): largest, mean, and 
 worst sample.
 
 Run after `dvc repro convert` (1600 x 900 images of the synthetic twin):
-    python benchmarks/image_pipeline_speed.py [--final-dim 256 704] [--resize-lim 0.40 0.47] [--samples 24]
+    python -m benchmarks.image_pipeline_speed [--final-dim 256 704] [--resize-lim 0.40 0.47] [--samples 24]
 """
 
 from __future__ import annotations
@@ -26,10 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model.detector import CLASSES as DETECTION_CLASSES  # noqa: E402
-from pipeline.dataset import DEFAULT_AUG, IMG_STD, Sparse4DDataset  # noqa: E402
+from model.detector import CLASSES as DETECTION_CLASSES
+from pipeline.dataset import DEFAULT_AUG, IMG_STD, Sparse4DDataset
 
 CLASSES = list(DETECTION_CLASSES)
 

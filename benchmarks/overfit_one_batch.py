@@ -6,24 +6,21 @@ geometry, no photometric distortion, single-frame: the instance bank is reset ev
 every 25 iterations, runs the inference path (decoder included) on the first frame and counts
 the ground-truth objects found: right class, score > 0.3, centre within 2 m.
 
-Run after `dvc repro anchors`:  python benchmarks/overfit_one_batch.py [--iters 200] [--lr 2e-3]
+Run after `dvc repro anchors`:  python -m benchmarks.overfit_one_batch [--iters 200] [--lr 2e-3]
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import build_model  # noqa: E402
-from pipeline.dataset import Sparse4DDataset, collate  # noqa: E402
+from model import build_model
+from pipeline.dataset import Sparse4DDataset, collate
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """How long `synthesize` takes at the params.yaml size (target: <= 90 s on 2 cores).
 
-Run: python benchmarks/synthesize_speed.py [--params params.yaml]
+Run: python -m benchmarks.synthesize_speed [--params params.yaml]
 Prints the wall time of writing the twin with one worker and with all cores, and their ratio.
 """
 
@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.params import load_params  # noqa: E402
-from pipeline.twin.writer import TwinConfig, write_twin  # noqa: E402
+from pipeline.params import load_params
+from pipeline.twin.writer import TwinConfig, write_twin
 
 
 def main() -> None:

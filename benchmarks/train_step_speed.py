@@ -7,7 +7,7 @@ real training sample of the synthetic twin through the seed's train pipeline. A 
 losses, backward and the AdamW update. The first iterations of each run are warm-up.
 
 Run after `dvc repro convert anchors`:
-    python benchmarks/train_step_speed.py [--iters 3] [--warmup 1] [--threads 2]
+    python -m benchmarks.train_step_speed [--iters 3] [--warmup 1] [--threads 2]
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ import numpy as np
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import build_model  # noqa: E402
-from model.blocks import DeformableFeatureAggregation  # noqa: E402
-from pipeline.dataset import Sparse4DDataset, collate  # noqa: E402
+from model import build_model
+from model.blocks import DeformableFeatureAggregation
+from pipeline.dataset import Sparse4DDataset, collate
 
 ROOT = Path(__file__).resolve().parents[1]
 

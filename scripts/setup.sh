@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything the pipeline needs, idempotently, then prints the environment's bin folder.
+# Installs everything the pipeline needs and the project itself (`pip install -e .`: the packages
+# pipeline, model and stages), idempotently, then prints the environment's bin folder.
 #
 # Where: the active virtualenv or (non-base) conda env if there is one — an Ascend user's env with
 # torch 2.1 + torch_npu is used as it is — otherwise `.venv/` in the repository root.
@@ -26,13 +27,14 @@ else
 fi
 py=$prefix/bin/python
 
+installed_here() {
+  # The project is installed (editable) and points at this checkout, not another one.
+  (cd / && "$py" -c 'import os, sys, pipeline, stages
+sys.exit(os.path.realpath(os.path.dirname(pipeline.__path__[0])) != os.path.realpath(sys.argv[1]))' "$root") 2>/dev/null
+}
+
 # A stamp named after the hash of everything that decides the install makes the second run instant.
 stamp=$prefix/.sparse4d-setup-$(cat "$req"/*.txt "$root/scripts/setup.sh" | sha256sum | cut -c1-16)
-if [ -f "$stamp" ] && "$py" -c "import torch, mmcv.ops, mmdet.models, nuscenes, dvc" 2>/dev/null; then
-  echo "$prefix/bin"
-  exit 0
-fi
-
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 pipq() {
@@ -43,6 +45,23 @@ pipq() {
     exit 1
   fi
 }
+
+install_project() {
+  # No dependencies (requirements/ has them) and no build isolation: works offline, in seconds.
+  if ! installed_here; then
+    echo "setup: installing the project (pip install -e $root)" >&2
+    if ! "$py" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" 2>/dev/null; then
+      pipq install -q "setuptools>=64,<70"  # editable installs from pyproject.toml (PEP 660)
+    fi
+    pipq install -q --no-deps --no-build-isolation -e "$root"
+  fi
+}
+
+if [ -f "$stamp" ] && "$py" -c "import torch, mmcv.ops, mmdet.models, nuscenes, dvc" 2>/dev/null; then
+  install_project
+  echo "$prefix/bin"
+  exit 0
+fi
 
 echo "setup: installing into $prefix" >&2
 pipq install -q --upgrade pip wheel
@@ -88,6 +107,7 @@ else
   pipq install -q --no-deps --force-reinstall "$wheels"/mmcv_full-*.whl
 fi
 pipq install -q -r "$req/openmmlab.txt"
+install_project
 
 "$py" -W ignore -c "import torch, mmcv.ops, mmdet.models, nuscenes, dvc" >"$log" 2>&1 || {
   cat "$log" >&2

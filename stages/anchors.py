@@ -10,10 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.anchors import AnchorError, kmeans_anchors  # noqa: E402
-from pipeline.params import ParamsError, load_params, write_bytes_atomic, write_json_atomic  # noqa: E402
+from pipeline.anchors import AnchorError, kmeans_anchors
+from pipeline.params import ParamsError, load_params, write_bytes_atomic, write_json_atomic
 
 
 def main(argv: list[str] | None = None) -> int:

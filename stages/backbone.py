@@ -8,10 +8,8 @@ import sys
 import urllib.parse
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.download import DownloadError, fetch  # noqa: E402
-from pipeline.params import ParamsError, load_params, write_json_atomic  # noqa: E402
+from pipeline.download import DownloadError, fetch
+from pipeline.params import ParamsError, load_params, write_json_atomic
 
 
 def main(argv: list[str] | None = None) -> int:

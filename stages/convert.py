@@ -7,10 +7,8 @@ import pickle
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.convert import ConvertError, convert, summarize  # noqa: E402
-from pipeline.params import ParamsError, load_params, write_bytes_atomic, write_json_atomic  # noqa: E402
+from pipeline.convert import ConvertError, convert, summarize
+from pipeline.params import ParamsError, load_params, write_bytes_atomic, write_json_atomic
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,12 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.params import ParamsError, load_params, write_json_atomic  # noqa: E402
-from pipeline.twin.writer import TwinConfig, TwinConfigError, write_twin  # noqa: E402
+from pipeline.params import ParamsError, load_params, write_json_atomic
+from pipeline.twin.writer import TwinConfig, TwinConfigError, write_twin
 
 
 def main(argv: list[str] | None = None) -> int:

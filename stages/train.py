@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.devices import DeviceError, resolve_device, run_workers  # noqa: E402
-from pipeline.params import ParamsError, load_params  # noqa: E402
+from pipeline.devices import DeviceError, resolve_device, run_workers
+from pipeline.params import ParamsError, load_params
 
 
 def main(argv: list[str] | None = None) -> int:

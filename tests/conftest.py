@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,14 @@ from pipeline.twin.writer import TwinConfig, write_twin
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = TwinConfig(num_scenes=3, samples_per_scene=3, objects_per_scene=30, image_width=640, image_height=360)
+
+
+def launch_stage(name: str, *args: str, cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+    """`python -m stages.<name> args` in `cwd`, as DVC runs a stage, importing this checkout's code
+    (first on PYTHONPATH: the environment's editable install may point at another checkout)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", f"stages.{name}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env)
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,6 @@ itself: tests/test_parity_data.py."""
 from __future__ import annotations
 
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import yaml
 
 from model.box3d import COS_YAW, SIN_YAW, VX, VZ
 from pipeline.anchors import AnchorError, kmeans_anchors
-from tests.conftest import ROOT
+from tests.conftest import ROOT, launch_stage
 
 
 def boxes(n: int, seed: int = 0) -> np.ndarray:
@@ -64,20 +62,9 @@ def test_stage_error_is_clean(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with open(tmp_path / "train.pkl", "wb") as f:
         pickle.dump({"infos": [{"gt_boxes": boxes(500)}], "metadata": {}}, f)
-    cmd = [
-        sys.executable,
-        str(ROOT / "stages" / "anchors.py"),
-        "--params",
-        "params.yaml",
-        "--infos",
-        "train.pkl",
-        "--out",
-        "a.npy",
-        "--metrics",
-        "m.json",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    args = ["--params", "params.yaml", "--out", "a.npy", "--metrics", "m.json"]
+    result = launch_stage("anchors", *args, "--infos", "train.pkl", cwd=tmp_path)
     assert result.returncode != 0 and "anchors.num_anchor" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "a.npy").exists()
-    missing = subprocess.run(cmd[:4] + ["--infos", "nope.pkl"] + cmd[6:], capture_output=True, text=True, cwd=tmp_path)
+    missing = launch_stage("anchors", *args, "--infos", "nope.pkl", cwd=tmp_path)
     assert missing.returncode != 0 and "nope.pkl" in missing.stderr

@@ -6,7 +6,6 @@ import hashlib
 import json
 import socket
 import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.download import DownloadError, fetch
-from tests.conftest import ROOT
+from tests.conftest import ROOT, launch_stage
 
 PAYLOAD = np.random.default_rng(0).integers(0, 256, 3 * (1 << 20) + 12345, dtype=np.uint8).tobytes()
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
@@ -115,8 +114,7 @@ def run_stage(tmp_path: Path, source: str) -> subprocess.CompletedProcess:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["backbone"].update(source=source, retries=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    cmd = [sys.executable, str(ROOT / "stages" / "backbone.py"), "--params", "params.yaml", "--out", "ckpt"]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    return launch_stage("backbone", "--params", "params.yaml", "--out", "ckpt", cwd=tmp_path)
 
 
 def test_stage_manifest_for_a_source_and_for_none(server, tmp_path):

@@ -7,7 +7,6 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from pyquaternion import Quaternion
 
 from benchmarks.convert_speed import assert_same, devkit_walk
 from pipeline.convert import CAMERA_TYPES, ConvertError, convert, summarize
-from tests.conftest import ROOT
+from tests.conftest import ROOT, launch_stage
 
 EXPECTED = Path(__file__).parent / "data" / "expected_info_train0.json"
 
@@ -191,21 +190,7 @@ def run_stage(tmp_path: Path, change: dict) -> subprocess.CompletedProcess:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["convert"].update(change)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    return subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "stages" / "convert.py"),
-            "--params",
-            "params.yaml",
-            "--out",
-            "infos",
-            "--metrics",
-            "m.json",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    return launch_stage("convert", "--params", "params.yaml", "--out", "infos", "--metrics", "m.json", cwd=tmp_path)
 
 
 def test_stage_writes_pkls_and_metrics(small_twin, tmp_path):

@@ -106,7 +106,7 @@ def covered(path: str, deps: list[str]) -> bool:
 def test_code_deps_are_exactly_what_the_stage_imports(stage):
     spec = dvc_stages()[stage]
     script = ROOT / "stages" / f"{stage}.py"
-    assert f"stages/{stage}.py" in spec["cmd"].split(), f"{stage}: cmd does not run {script.name}"
+    assert spec["cmd"].split()[:3] == ["python", "-m", f"stages.{stage}"], f"{stage}: cmd does not run stages.{stage}"
     code = code_closure(script)
     deps = [str(d) for d in spec["deps"]]
     missing = sorted(p for p in code if not covered(p, deps))

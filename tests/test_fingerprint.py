@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.fingerprint import SENSORS, FingerprintError, dataset_fingerprint
-from tests.conftest import ROOT
+from tests.conftest import ROOT, launch_stage
 
 
 def tiny_root(root: Path, files: int = 3) -> Path:
@@ -66,8 +64,8 @@ def test_stage_on_the_twin(small_twin, tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["convert"]["data_root"] = str(small_twin)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    cmd = [sys.executable, str(ROOT / "stages" / "fingerprint.py"), "--params", "params.yaml", "--out", "fp.json"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    args = ["--params", "params.yaml", "--out", "fp.json"]
+    result = launch_stage("fingerprint", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     written = json.loads((tmp_path / "fp.json").read_text())
     frames = 3 * 3  # the small twin: 3 scenes of 3 key frames
@@ -75,5 +73,5 @@ def test_stage_on_the_twin(small_twin, tmp_path):
 
     params["convert"]["data_root"] = str(tmp_path / "nowhere")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    result = launch_stage("fingerprint", *args, cwd=tmp_path)
     assert result.returncode == 2 and "nowhere" in result.stderr and "Traceback" not in result.stderr

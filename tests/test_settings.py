@@ -7,8 +7,6 @@ from __future__ import annotations
 import ast
 import math
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ import yaml
 
 from pipeline.params import ParamsError, read_params
 from pipeline.settings import CLASSES, LAUNCH_KEYS, SCHEMA, params_problems
-from tests.conftest import ROOT
+from tests.conftest import ROOT, launch_stage
 
 PROFILES = ("params.yaml", "params-full.yaml", "params-performance.yaml")
 
@@ -56,12 +54,7 @@ def test_a_misspelt_key_in_another_section_stops_a_stage(tmp_path):
     params = demo()
     params["data"]["aug"]["rand_flpi"] = params["data"]["aug"].pop("rand_flip")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "backbone.py"), "--params", "params.yaml", "--out", "ckpt"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    result = launch_stage("backbone", "--params", "params.yaml", "--out", "ckpt", cwd=tmp_path)
     assert result.returncode != 0
     assert "data.aug.rand_flpi: unknown key (did you mean data.aug.rand_flip" in result.stderr
     assert "Traceback" not in result.stderr

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -32,7 +29,7 @@ from pipeline.twin.world import (  # noqa: E402
     camera_rotation,
 )
 from pipeline.twin.writer import TwinConfig, TwinConfigError, write_twin  # noqa: E402
-from tests.conftest import ROOT, SMALL  # noqa: E402
+from tests.conftest import ROOT, SMALL, launch_stage  # noqa: E402
 
 # nuScenes category -> detection class, for the checks below.
 CATEGORY_CLASS = {cat: name for name, spec in CLASS_SPECS.items() for cat in spec.categories}
@@ -350,20 +347,14 @@ def test_bad_params_fail_cleanly(tmp_path, change, message):
     params["synthesize"].update(change)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "data" / "nuscenes"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "stages" / "synthesize.py"),
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "--out",
-            str(out),
-            "--metrics",
-            str(tmp_path / "m.json"),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    result = launch_stage(
+        "synthesize",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--out",
+        str(out),
+        "--metrics",
+        str(tmp_path / "m.json"),
     )
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,1 @@
+"""The DVC stages, one module each, run from the repository root as `python -m stages.<name>`."""
