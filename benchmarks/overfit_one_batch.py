@@ -59,7 +59,7 @@ def main() -> None:
     model.train()
     for it in range(args.iters + 1):
         model.head.instance_bank.reset()
-        model.head.sampler.dn_metas = None
+        model.head.target_assigner.dn_metas = None
         losses = model(batch)
         loss = sum(losses.values())
         optimizer.zero_grad()

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from mmcv.cnn import Linear
 
-from model.box3d import COS_YAW, SIN_YAW, VX, H, L, W, X, Y, Z
+from model.box3d import COS_YAW, HEIGHT, LENGTH, SIN_YAW, VX, WIDTH, X, Y, Z
 from model.ops import deformable_aggregation
 
 
@@ -52,7 +52,7 @@ class KeyPointsGenerator(nn.Module):
     def forward(self, anchor: torch.Tensor, instance_feature: torch.Tensor | None = None) -> torch.Tensor:
         """anchor (bs, n, 11), instance_feature (bs, n, C) -> key points (bs, n, num_pts, 3)."""
         bs, num_anchor = anchor.shape[:2]
-        size = anchor[..., None, [W, L, H]].exp()  # (bs, n, 1, 3)
+        size = anchor[..., None, [LENGTH, WIDTH, HEIGHT]].exp()  # (bs, n, 1, 3)
         key_points = self.fix_scale * size
         if self.num_learnable_pts > 0 and instance_feature is not None:
             scale = self.learnable_fc(instance_feature).reshape(bs, num_anchor, self.num_learnable_pts, 3)
@@ -83,7 +83,7 @@ class KeyPointsGenerator(nn.Module):
         cos_sin = (transform[..., :2, :2] @ anchor[..., [COS_YAW, SIN_YAW], None]).squeeze(-1)
         vel = (transform[..., :vel_dims, :vel_dims] @ vel[..., None]).squeeze(-1)
         yaw = torch.cat([cos_sin[..., 1:], cos_sin[..., :1]], dim=-1) if correct_yaw else cos_sin
-        return torch.cat([centre, anchor[..., [W, L, H]], yaw, vel], dim=-1)
+        return torch.cat([centre, anchor[..., [LENGTH, WIDTH, HEIGHT]], yaw, vel], dim=-1)
 
 
 class DeformableFeatureAggregation(nn.Module):

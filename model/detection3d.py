@@ -7,7 +7,7 @@ import torch.nn as nn
 from mmcv.cnn import Linear, Scale, bias_init_with_prob
 
 from model.blocks import linear_relu_ln
-from model.box3d import COS_YAW, SIN_YAW, VX, H, L, W, X, Y, Z
+from model.box3d import COS_YAW, HEIGHT, LENGTH, SIN_YAW, VX, WIDTH, X, Y, Z
 
 
 class AnchorEncoder(nn.Module):
@@ -31,7 +31,7 @@ class AnchorEncoder(nn.Module):
         return torch.cat(
             [
                 self.pos_fc(box[..., [X, Y, Z]]),
-                self.size_fc(box[..., [W, L, H]]),
+                self.size_fc(box[..., [LENGTH, WIDTH, HEIGHT]]),
                 self.yaw_fc(box[..., [SIN_YAW, COS_YAW]]),
                 self.vel_fc(box[..., VX : VX + self.vel_dims]),
             ],
@@ -49,7 +49,7 @@ class RefinementModule(nn.Module):
     ):
         super().__init__()
         self.output_dim = output_dim
-        self.refine_state = [X, Y, Z, W, L, H, SIN_YAW, COS_YAW]
+        self.refine_state = [X, Y, Z, LENGTH, WIDTH, HEIGHT, SIN_YAW, COS_YAW]
         self.layers = nn.Sequential(
             *linear_relu_ln(embed_dims, 2, 2), Linear(embed_dims, output_dim), Scale([1.0] * output_dim)
         )

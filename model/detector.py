@@ -121,16 +121,15 @@ class Sparse4D(nn.Module):
 def build_model(cfg: dict[str, Any], anchor: np.ndarray | None = None) -> Sparse4D:
     """The detector from the `model` section of params.yaml.
 
-    anchor: (num_anchor, 11) anchors; default: loaded from cfg["anchor_file"], or zeros of
-    cfg["num_anchor"] rows (shape only, e.g. to load a checkpoint that carries its anchors).
+    anchor: (num_anchor, 11) anchors; default: 900 rows of zeros (the full profile's shape, e.g. to
+    load a checkpoint that carries its anchors).
     """
     depth = int(cfg.get("depth", 50))
     embed_dims = int(cfg.get("embed_dims", 256))
     num_levels = int(cfg.get("num_levels", 4))
     num_classes = len(cfg.get("classes", CLASSES))
     if anchor is None:
-        path = cfg.get("anchor_file")
-        anchor = np.load(path) if path else np.zeros((int(cfg.get("num_anchor", 900)), 11), np.float32)
+        anchor = np.zeros((900, 11), np.float32)
     backbone = ResNet(
         depth=depth,
         num_stages=4,
@@ -151,7 +150,7 @@ def build_model(cfg: dict[str, Any], anchor: np.ndarray | None = None) -> Sparse
     )
     classes = list(cfg.get("classes", CLASSES))
     cone = [2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
-    sampler = SparseBox3DTarget(
+    target_assigner = SparseBox3DTarget(
         cls_weight=2.0,
         box_weight=0.25,
         reg_weights=[2.0] * 3 + [0.5] * 3 + [0.0] * 4,
@@ -171,14 +170,13 @@ def build_model(cfg: dict[str, Any], anchor: np.ndarray | None = None) -> Sparse
         num_cams=int(cfg.get("num_cams", 6)),
         num_decoder=int(cfg.get("num_decoder", 6)),
         num_single_frame_decoder=int(cfg.get("num_single_frame_decoder", 1)),
-        num_anchor=int(cfg.get("num_anchor", len(anchor))),
         num_temp_instances=int(cfg.get("num_temp_instances", 600)),
         confidence_decay=float(cfg.get("confidence_decay", 0.6)),
         dropout=float(cfg.get("dropout", 0.1)),
         attn_drop=float(cfg.get("attn_drop", 0.15)),
         num_learnable_pts=int(cfg.get("num_learnable_pts", 6)),
         fix_scale=FIX_SCALE,
-        sampler=sampler,
+        target_assigner=target_assigner,
         cls_threshold_to_reg=0.05,
         cls_allow_reverse=[classes.index("barrier")] if "barrier" in classes else None,
         num_output=int(cfg.get("num_output", 300)),

@@ -1,5 +1,5 @@
 """The Sparse4Dv3 head: instance bank, decoders (temporal and spatial graph attention, deformable
-aggregation, FFN, refinement), denoising, losses and box decoding.
+aggregation, FFN, refinement), denoising, losses and post-processing.
 
 Operation order (the reference's): the first decoder is single-frame —
     deformable, ffn, norm, refine
@@ -11,32 +11,40 @@ and each of the following ones is
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn as nn
 from mmcv.cnn.bricks.transformer import MultiheadAttention
+from mmdet.core import reduce_mean
 
 from model.blocks import AsymmetricFFN, DeformableFeatureAggregation
-from model.decoder import SparseBox3DDecoder
 from model.detection3d import AnchorEncoder, RefinementModule
 from model.instance_bank import InstanceBank
 from model.losses import SigmoidFocalLoss, SparseBox3DLoss, as_fp32
+from model.post_process import BoxPostProcessor
 from model.target import SparseBox3DTarget
-
-
-def reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over distributed processes (identity when not distributed)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return x
-    x = x.clone()
-    torch.distributed.all_reduce(x.div_(torch.distributed.get_world_size()))
-    return x
 
 
 def operation_order(num_decoder: int, num_single_frame_decoder: int, temporal: bool) -> list[str]:
     single = ["gnn", "norm", "deformable", "ffn", "norm", "refine"]
     multi = (["temp_gnn"] if temporal else []) + single
     return (single * num_single_frame_decoder + multi * (num_decoder - num_single_frame_decoder))[2:]
+
+
+@dataclass
+class Denoising:
+    """A training frame's denoising queries, which follow the `num_free` free instances."""
+
+    num_free: int
+    reg_target: torch.Tensor  # (bs, num_dn, 11)
+    cls_target: torch.Tensor  # (bs, num_dn): class, NEGATIVE_QUERY or NO_TARGET (model.target)
+    valid_mask: torch.Tensor  # (bs, num_dn): not padding
+    id_target: torch.Tensor | None  # (bs, num_dn) instance ids; None without temporal denoising
+    # After the single-frame decoders with temporal denoising: (reg_target, cls_target, valid_mask)
+    # of the queries with last frame's groups swapped in.
+    temporal: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 class Sparse4DHead(nn.Module):
@@ -50,14 +58,13 @@ class Sparse4DHead(nn.Module):
         num_cams: int = 6,
         num_decoder: int = 6,
         num_single_frame_decoder: int = 1,
-        num_anchor: int = 900,
         num_temp_instances: int = 600,
         confidence_decay: float = 0.6,
         dropout: float = 0.1,
         attn_drop: float = 0.15,
         num_learnable_pts: int = 6,
         fix_scale=None,
-        sampler: SparseBox3DTarget | None = None,
+        target_assigner: SparseBox3DTarget | None = None,
         reg_weights: list[float] | None = None,
         cls_threshold_to_reg: float = 0.05,
         cls_allow_reverse: list[int] | None = None,
@@ -74,7 +81,6 @@ class Sparse4DHead(nn.Module):
         temporal = num_temp_instances > 0
         self.operation_order = operation_order(num_decoder, num_single_frame_decoder, temporal)
         self.instance_bank = InstanceBank(
-            num_anchor,
             embed_dims,
             anchor,
             num_temp_instances,
@@ -82,8 +88,10 @@ class Sparse4DHead(nn.Module):
             correct_projected_yaw=correct_projected_yaw,
         )
         self.anchor_encoder = AnchorEncoder([embed_dims // 2, embed_dims // 8, embed_dims // 8, embed_dims // 4])
-        self.sampler = sampler if sampler is not None else SparseBox3DTarget()
-        self.decoder = SparseBox3DDecoder(num_output=num_output, sort_cls_scores=sort_cls_scores)
+        # Matching and denoising targets (the reference's `sampler`; it holds no parameters).
+        self.target_assigner = target_assigner if target_assigner is not None else SparseBox3DTarget()
+        # Boxes out of the last decoder (the reference's `decoder`; it holds no parameters).
+        self.post_processor = BoxPostProcessor(num_output=num_output, sort_cls_scores=sort_cls_scores)
         self.loss_cls = SigmoidFocalLoss(gamma=2.0, alpha=0.25, loss_weight=2.0)
         self.loss_reg = SparseBox3DLoss(box_weight=0.25, cls_allow_reverse=cls_allow_reverse)
 
@@ -139,134 +147,172 @@ class Sparse4DHead(nn.Module):
     def forward(self, feature_maps: list[torch.Tensor], metas: dict) -> dict:
         """feature_maps: levels of (bs, cams, C, H, W); metas: projection_mat (bs, cams, 4, 4),
         image_wh (bs, cams, 2), timestamp (bs,), img_metas (per sample T_global, T_global_inv,
-        and instance_id in training), gt_labels_3d / gt_bboxes_3d lists in training."""
-        bs = feature_maps[0].shape[0]
-        sampler = self.sampler
-        if sampler.dn_metas is not None and sampler.dn_metas["dn_anchor"].shape[0] != bs:
-            sampler.dn_metas = None
-        instance_feature, anchor, temp_feature, temp_anchor, time_interval = self.instance_bank.get(
-            bs, metas, dn_metas=sampler.dn_metas
-        )
+        and instance_id in training), gt_labels_3d / gt_bboxes_3d lists in training.
 
-        attn_mask = None
-        dn_metas = None
-        temp_dn_reg_target = None
-        if self.training:
-            gt_ids = None
-            if "instance_id" in metas["img_metas"][0]:
-                gt_ids = [
-                    torch.as_tensor(np.asarray(m["instance_id"]), device=anchor.device) for m in metas["img_metas"]
-                ]
-            dn_metas = sampler.get_dn_anchors(metas["gt_labels_3d"], metas["gt_bboxes_3d"], gt_ids)
-        if dn_metas is not None:
-            dn_anchor, dn_reg_target, dn_cls_target, dn_attn_mask, valid_mask, dn_id_target = dn_metas
-            num_dn = dn_anchor.shape[1]
-            if dn_anchor.shape[-1] != anchor.shape[-1]:
-                dn_anchor = torch.cat(
-                    [dn_anchor, dn_anchor.new_zeros(bs, num_dn, anchor.shape[-1] - dn_anchor.shape[-1])], dim=-1
-                )
-            anchor = torch.cat([anchor, dn_anchor], dim=1)
-            instance_feature = torch.cat(
-                [instance_feature, instance_feature.new_zeros(bs, num_dn, instance_feature.shape[-1])], dim=1
-            )
-            num_instance = instance_feature.shape[1]
-            num_free = num_instance - num_dn
-            attn_mask = torch.ones(num_instance, num_instance, dtype=torch.bool, device=anchor.device)
-            attn_mask[:num_free, :num_free] = False
-            attn_mask[num_free:, num_free:] = dn_attn_mask
+        Returns per decoder `prediction` (bs, n, 11), `classification` (bs, n, num_cls) and
+        `quality` (bs, n, 2) of the n = num_anchor free instances; in training also the same for
+        the denoising queries and their targets (`dn_*`, `temp_dn_*`); in evaluation the tracking
+        `instance_id` (bs, n)."""
+        bs = feature_maps[0].shape[0]
+        assigner = self.target_assigner
+        if assigner.dn_metas is not None and assigner.dn_metas["dn_anchor"].shape[0] != bs:
+            assigner.dn_metas = None
+        instance_feature, anchor, temp_feature, temp_anchor, time_interval = self.instance_bank.get(
+            bs, metas, dn_metas=assigner.dn_metas
+        )
+        dn, attn_mask = None, None
+        dn_queries = self._denoising_queries(metas, anchor.device) if self.training else None
+        if dn_queries is not None:
+            instance_feature, anchor, attn_mask, dn = self._append_denoising(instance_feature, anchor, dn_queries)
 
         anchor_embed = self.anchor_encoder(anchor)
         temp_anchor_embed = self.anchor_encoder(temp_anchor) if temp_anchor is not None else None
-
         prediction, classification, quality = [], [], []
         for i, op in enumerate(self.operation_order):
-            if op == "temp_gnn":
-                instance_feature = self.graph_model(
+            if op != "refine":
+                instance_feature = self._interact(
                     i,
-                    instance_feature,
-                    temp_feature,
-                    temp_feature,
-                    query_pos=anchor_embed,
-                    key_pos=temp_anchor_embed,
-                    attn_mask=attn_mask if temp_feature is None else None,
-                )
-            elif op == "gnn":
-                instance_feature = self.graph_model(
-                    i, instance_feature, value=instance_feature, query_pos=anchor_embed, attn_mask=attn_mask
-                )
-            elif op in ("norm", "ffn"):
-                instance_feature = self.layers[i](instance_feature)
-            elif op == "deformable":
-                instance_feature = self.layers[i](
-                    instance_feature, anchor, anchor_embed, feature_maps, metas["projection_mat"], metas["image_wh"]
-                )
-            else:  # refine
-                last = i == len(self.operation_order) - 1
-                anchor, cls, qt = self.layers[i](
                     instance_feature,
                     anchor,
                     anchor_embed,
-                    time_interval=time_interval,
-                    return_cls=self.training or len(prediction) == self.num_single_frame_decoder - 1 or last,
+                    temp_feature,
+                    temp_anchor_embed,
+                    attn_mask,
+                    feature_maps,
+                    metas,
                 )
-                prediction.append(anchor)
-                classification.append(cls)
-                quality.append(qt)
-                if len(prediction) == self.num_single_frame_decoder:
-                    instance_feature, anchor = self.instance_bank.update(instance_feature, anchor, cls)
-                    if dn_metas is not None and sampler.num_temp_dn_groups > 0 and dn_id_target is not None:
-                        (
-                            instance_feature,
-                            anchor,
-                            temp_dn_reg_target,
-                            temp_dn_cls_target,
-                            temp_valid_mask,
-                            dn_id_target,
-                        ) = sampler.update_dn(
-                            instance_feature,
-                            anchor,
-                            dn_reg_target,
-                            dn_cls_target,
-                            valid_mask,
-                            dn_id_target,
-                            self.instance_bank.num_anchor,
-                            self.instance_bank.mask,
-                        )
-                if not last:
-                    anchor_embed = self.anchor_encoder(anchor)
-                if len(prediction) > self.num_single_frame_decoder and temp_anchor_embed is not None:
-                    temp_anchor_embed = anchor_embed[:, : self.instance_bank.num_temp_instances]
+                continue
+            last = i == len(self.operation_order) - 1
+            anchor, cls, qt = self.layers[i](
+                instance_feature,
+                anchor,
+                anchor_embed,
+                time_interval=time_interval,
+                return_cls=self.training or len(prediction) == self.num_single_frame_decoder - 1 or last,
+            )
+            prediction.append(anchor)
+            classification.append(cls)
+            quality.append(qt)
+            if len(prediction) == self.num_single_frame_decoder:
+                instance_feature, anchor = self._add_temporal_instances(instance_feature, anchor, cls, dn)
+            if not last:
+                anchor_embed = self.anchor_encoder(anchor)
+            if len(prediction) > self.num_single_frame_decoder and temp_anchor_embed is not None:
+                temp_anchor_embed = anchor_embed[:, : self.instance_bank.num_temp_instances]
 
         output: dict = {}
-        if dn_metas is not None:
-            output.update(
-                dn_prediction=[x[:, num_free:] for x in prediction],
-                dn_classification=[x[:, num_free:] for x in classification],
-                dn_reg_target=dn_reg_target,
-                dn_cls_target=dn_cls_target,
-                dn_valid_mask=valid_mask,
-            )
-            classification = [x[:, :num_free] for x in classification]
-            prediction = [x[:, :num_free] for x in prediction]
-            quality = [x[:, :num_free] if x is not None else None for x in quality]
-            if temp_dn_reg_target is not None:
-                output.update(
-                    temp_dn_reg_target=temp_dn_reg_target,
-                    temp_dn_cls_target=temp_dn_cls_target,
-                    temp_dn_valid_mask=temp_valid_mask,
-                    dn_id_target=dn_id_target,
-                )
-                dn_cls_target, valid_mask = temp_dn_cls_target, temp_valid_mask
-            sampler.cache_dn(
-                instance_feature[:, num_free:], anchor[:, num_free:], dn_cls_target, valid_mask, dn_id_target
-            )
-            instance_feature, anchor, cls = instance_feature[:, :num_free], anchor[:, :num_free], cls[:, :num_free]
+        if dn is not None:
+            output = self._split_denoising(dn, prediction, classification, quality, instance_feature, anchor)
+            free = slice(None, dn.num_free)
+            classification = [x[:, free] for x in classification]
+            prediction = [x[:, free] for x in prediction]
+            quality = [x[:, free] if x is not None else None for x in quality]
+            instance_feature, anchor, cls = instance_feature[:, free], anchor[:, free], cls[:, free]
         output.update(classification=classification, prediction=prediction, quality=quality)
         self.instance_bank.cache(instance_feature, anchor, cls, metas)
         if not self.training:
-            # as the reference: new ids for instances above the decoder's score threshold (None: all);
+            # as the reference: new ids for instances above the post-processor's score threshold (None: all);
             # the tracking output applies its own threshold to cls_scores later
-            output["instance_id"] = self.instance_bank.get_instance_id(cls, self.decoder.score_threshold)
+            output["instance_id"] = self.instance_bank.get_instance_id(cls, self.post_processor.score_threshold)
+        return output
+
+    def _interact(
+        self, i, instance_feature, anchor, anchor_embed, temp_feature, temp_anchor_embed, attn_mask, feature_maps, metas
+    ) -> torch.Tensor:
+        """Operation i (any but refine) on the (bs, n, C) instance features."""
+        op = self.operation_order[i]
+        if op == "temp_gnn":
+            return self.graph_model(
+                i,
+                instance_feature,
+                temp_feature,
+                temp_feature,
+                query_pos=anchor_embed,
+                key_pos=temp_anchor_embed,
+                attn_mask=attn_mask if temp_feature is None else None,
+            )
+        if op == "gnn":
+            return self.graph_model(
+                i, instance_feature, value=instance_feature, query_pos=anchor_embed, attn_mask=attn_mask
+            )
+        if op == "deformable":
+            return self.layers[i](
+                instance_feature, anchor, anchor_embed, feature_maps, metas["projection_mat"], metas["image_wh"]
+            )
+        return self.layers[i](instance_feature)  # norm, ffn
+
+    def _denoising_queries(self, metas: dict, device: torch.device) -> tuple | None:
+        """The target assigner's noisy ground-truth queries for this frame (None: no denoising)."""
+        gt_ids = None
+        if "instance_id" in metas["img_metas"][0]:
+            gt_ids = [torch.as_tensor(np.asarray(m["instance_id"]), device=device) for m in metas["img_metas"]]
+        return self.target_assigner.get_dn_anchors(metas["gt_labels_3d"], metas["gt_bboxes_3d"], gt_ids)
+
+    def _append_denoising(self, instance_feature: torch.Tensor, anchor: torch.Tensor, dn_queries: tuple):
+        """Denoising queries appended after the free instances: zero features, their noisy anchors,
+        and the self-attention mask (bs-independent (n, n), True = blocked) that keeps the free
+        instances and each denoising group to themselves."""
+        dn_anchor, dn_reg_target, dn_cls_target, dn_attn_mask, valid_mask, dn_id_target = dn_queries
+        bs, num_dn = dn_anchor.shape[:2]
+        if dn_anchor.shape[-1] != anchor.shape[-1]:
+            dn_anchor = torch.cat(
+                [dn_anchor, dn_anchor.new_zeros(bs, num_dn, anchor.shape[-1] - dn_anchor.shape[-1])], dim=-1
+            )
+        anchor = torch.cat([anchor, dn_anchor], dim=1)
+        instance_feature = torch.cat(
+            [instance_feature, instance_feature.new_zeros(bs, num_dn, instance_feature.shape[-1])], dim=1
+        )
+        num_instance = instance_feature.shape[1]
+        num_free = num_instance - num_dn
+        attn_mask = torch.ones(num_instance, num_instance, dtype=torch.bool, device=anchor.device)
+        attn_mask[:num_free, :num_free] = False
+        attn_mask[num_free:, num_free:] = dn_attn_mask
+        dn = Denoising(num_free, dn_reg_target, dn_cls_target, valid_mask, dn_id_target)
+        return instance_feature, anchor, attn_mask, dn
+
+    def _add_temporal_instances(self, instance_feature, anchor, cls, dn: Denoising | None):
+        """After the single-frame decoders: the instance bank puts last frame's instances in front
+        of the best new ones, and the target assigner swaps in last frame's denoising groups."""
+        instance_feature, anchor = self.instance_bank.update(instance_feature, anchor, cls)
+        assigner = self.target_assigner
+        if dn is None or assigner.num_temp_dn_groups <= 0 or dn.id_target is None:
+            return instance_feature, anchor
+        instance_feature, anchor, temp_reg, temp_cls, temp_valid, dn.id_target = assigner.update_dn(
+            instance_feature,
+            anchor,
+            dn.reg_target,
+            dn.cls_target,
+            dn.valid_mask,
+            dn.id_target,
+            self.instance_bank.num_anchor,
+            self.instance_bank.mask,
+        )
+        dn.temporal = (temp_reg, temp_cls, temp_valid)
+        return instance_feature, anchor
+
+    def _split_denoising(self, dn: Denoising, prediction, classification, quality, instance_feature, anchor) -> dict:
+        """The denoising queries' outputs and targets for the loss; their last state is cached by
+        the target assigner for the next frame."""
+        queries = slice(dn.num_free, None)
+        output = dict(
+            dn_prediction=[x[:, queries] for x in prediction],
+            dn_classification=[x[:, queries] for x in classification],
+            dn_reg_target=dn.reg_target,
+            dn_cls_target=dn.cls_target,
+            dn_valid_mask=dn.valid_mask,
+        )
+        cls_target, valid_mask = dn.cls_target, dn.valid_mask
+        if dn.temporal is not None:
+            temp_reg, cls_target, valid_mask = dn.temporal
+            output.update(
+                temp_dn_reg_target=temp_reg,
+                temp_dn_cls_target=cls_target,
+                temp_dn_valid_mask=valid_mask,
+                dn_id_target=dn.id_target,
+            )
+        self.target_assigner.cache_dn(
+            instance_feature[:, queries], anchor[:, queries], cls_target, valid_mask, dn.id_target
+        )
         return output
 
     def loss(self, model_outs: dict, data: dict) -> dict[str, torch.Tensor]:
@@ -279,7 +325,7 @@ class Sparse4DHead(nn.Module):
             zip(model_outs["classification"], model_outs["prediction"], model_outs["quality"])
         ):
             cls, reg = as_fp32(cls), as_fp32(reg[..., :num_reg])
-            cls_target, reg_target, reg_weights = self.sampler.sample(
+            cls_target, reg_target, reg_weights = self.target_assigner.sample(
                 cls, reg, data["gt_labels_3d"], data["gt_bboxes_3d"]
             )
             reg_target = reg_target[..., :num_reg]
@@ -338,7 +384,7 @@ class Sparse4DHead(nn.Module):
         return valid, cls_target, reg_target, pos, reg_weights, num_dn_pos
 
     def post_process(self, model_outs: dict, output_idx: int = -1) -> list[dict]:
-        return self.decoder.decode(
+        return self.post_processor.decode(
             model_outs["classification"],
             model_outs["prediction"],
             model_outs.get("instance_id"),

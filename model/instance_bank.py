@@ -27,7 +27,6 @@ def topk(confidence: torch.Tensor, k: int, *inputs: torch.Tensor) -> tuple[torch
 class InstanceBank(nn.Module):
     def __init__(
         self,
-        num_anchor: int,
         embed_dims: int,
         anchor: np.ndarray,
         num_temp_instances: int = 600,
@@ -45,7 +44,7 @@ class InstanceBank(nn.Module):
         self.confidence_decay = confidence_decay
         self.max_time_interval = max_time_interval
         self.anchor_handler = KeyPointsGenerator()
-        anchor = np.asarray(anchor, dtype=np.float32)[:num_anchor]
+        anchor = np.asarray(anchor, dtype=np.float32)  # (num_anchor, 11)
         self.num_anchor = len(anchor)
         self.anchor = nn.Parameter(torch.tensor(anchor))
         self.anchor_init = anchor

@@ -19,10 +19,13 @@ def as_fp32(x: torch.Tensor) -> torch.Tensor:
 class SigmoidFocalLoss(nn.Module):
     """Sigmoid focal loss over (n, num_cls) logits and (n,) class indices.
 
-    Any target outside [0, num_cls) — background (num_cls), negative denoising queries (-3),
-    lost temporal queries (-1) — is a negative for every class, as mmcv's compiled op treats
-    them (mmdet's pure-PyTorch fallback one-hot encodes targets and rejects negatives, so this
-    is written out here to run on every device).
+    Any target outside [0, num_cls) — background (num_cls), negative denoising queries
+    (model.target.NEGATIVE_QUERY), lost temporal queries (NO_TARGET) — is a negative for every
+    class, as mmcv's compiled op treats them (mmdet's pure-PyTorch fallback one-hot encodes
+    targets and rejects negatives, so this is written out here to run on every device).
+    Not torchvision.ops.sigmoid_focal_loss: it multiplies the factors in another order, which
+    changes losses and gradients in the last bit (3e-16 in float64), so retraining would not
+    reproduce the committed weights.
     """
 
     def __init__(self, gamma: float = 2.0, alpha: float = 0.25, loss_weight: float = 2.0):

@@ -14,15 +14,20 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from model.box3d import YAW, H, L, W, X, Y, Z
+from model.box3d import HEIGHT, LENGTH, WIDTH, YAW, X, Y, Z
+
+# Class targets of denoising queries other than a class index (the reference's codes):
+NEGATIVE_QUERY = -3  # a box with the larger noise: a negative for every class
+NO_TARGET = -1  # padding (a sample with fewer boxes), or a carried-over query whose instance is gone;
+# also the instance id of padding
 
 
 def encode_box(box: torch.Tensor) -> torch.Tensor:
-    """(..., 10) decoded boxes -> (..., 11) x, y, z, log wlh, sin, cos, vx, vy, vz."""
+    """(..., 10) decoded boxes -> (..., 11) x, y, z, log l, log w, log h, sin, cos, vx, vy, vz."""
     return torch.cat(
         [
             box[..., [X, Y, Z]],
-            box[..., [W, L, H]].log(),
+            box[..., [LENGTH, WIDTH, HEIGHT]].log(),
             box[..., YAW, None].sin(),
             box[..., YAW, None].cos(),
             box[..., YAW + 1 :],
@@ -113,7 +118,7 @@ class SparseBox3DTarget:
         gt_instance_id: list[torch.Tensor] | None = None,
     ):
         """Noisy anchors (bs, G*M, 11), their box (bs, G*M, 11) and class (bs, G*M) targets
-        (-3: negative, -1: padding), the attention mask between groups (G*M, G*M; True = blocked),
+        (NEGATIVE_QUERY, NO_TARGET: padding), the attention mask between groups (G*M, G*M; True = blocked),
         the valid mask (bs, G*M) and instance ids (bs, G*M) or None; None without denoising."""
         if self.num_dn_groups <= 0:
             return None
@@ -127,12 +132,12 @@ class SparseBox3DTarget:
         max_gt = max(len(x) for x in cls_target)
         if max_gt == 0:
             return None
-        cls_t = torch.stack([F.pad(x, (0, max_gt - len(x)), value=-1) for x in cls_target])
+        cls_t = torch.stack([F.pad(x, (0, max_gt - len(x)), value=NO_TARGET) for x in cls_target])
         box_t = torch.stack([F.pad(encode_box(x).to(cls_t.device), (0, 0, 0, max_gt - len(x))) for x in box_target])
-        box_t = torch.where(cls_t[..., None] == -1, box_t.new_tensor(0.0), box_t)
+        box_t = torch.where(cls_t[..., None] == NO_TARGET, box_t.new_tensor(0.0), box_t)
         ids = None
         if gt_instance_id is not None:
-            ids = torch.stack([F.pad(x, (0, max_gt - len(x)), value=-1) for x in gt_instance_id])
+            ids = torch.stack([F.pad(x, (0, max_gt - len(x)), value=NO_TARGET) for x in gt_instance_id])
         bs, num_gt, state_dims = box_t.shape
         groups = self.num_dn_groups
         if groups > 1:
@@ -147,8 +152,8 @@ class SparseBox3DTarget:
             dn_anchor = torch.cat([dn_anchor, box_t + magnitude * sign * scale], dim=1)
             num_gt *= 2
         dn_box = torch.zeros_like(dn_anchor)
-        dn_cls = torch.full_like(cls_t, -3)
-        dn_ids = torch.full_like(ids, -1) if ids is not None else None
+        dn_cls = torch.full_like(cls_t, NEGATIVE_QUERY)
+        dn_ids = torch.full_like(ids, NO_TARGET) if ids is not None else None
         if self.add_neg_dn:
             dn_cls = torch.cat([dn_cls, dn_cls], dim=1)
             dn_ids = torch.cat([dn_ids, dn_ids], dim=1) if dn_ids is not None else None
@@ -171,7 +176,7 @@ class SparseBox3DTarget:
         valid_mask = dn_cls >= 0
         if self.add_neg_dn:
             orig_cls = by_sample(torch.cat([cls_t, cls_t], dim=1))
-            valid_mask = valid_mask | ((orig_cls >= 0) & (dn_cls == -3))  # not padding
+            valid_mask = valid_mask | ((orig_cls >= 0) & (dn_cls == NEGATIVE_QUERY))  # not padding
         attn_mask = torch.ones(num_gt * groups, num_gt * groups, dtype=torch.bool, device=dn_anchor.device)
         for g in range(groups):
             attn_mask[g * num_gt : (g + 1) * num_gt, g * num_gt : (g + 1) * num_gt] = False
@@ -214,7 +219,7 @@ class SparseBox3DTarget:
         match = temp_ids[..., None] == current[5][:, :num_temp_groups, None]
         temp_reg = (match[..., None] * current[2][:, :num_temp_groups, None]).sum(dim=3)
         temp_cls = torch.where(
-            (~match).all(dim=-1), self.dn_metas["dn_cls_target"].new_tensor(-1), self.dn_metas["dn_cls_target"]
+            (~match).all(dim=-1), self.dn_metas["dn_cls_target"].new_tensor(NO_TARGET), self.dn_metas["dn_cls_target"]
         )
         cached = [
             self.dn_metas["dn_instance_feature"],

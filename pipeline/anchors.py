@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.cluster import KMeans
 
-from model.box3d import COS_YAW, H, L, W, X, Y, Z
+from model.box3d import COS_YAW, HEIGHT, LENGTH, WIDTH, X, Y, Z
 
 
 class AnchorError(ValueError):
@@ -56,6 +56,6 @@ def kmeans_anchors(
     ).fit(in_range[:, [X, Y, Z]])
     anchors = np.zeros((num_anchor, 11), dtype=np.float64)
     anchors[:, [X, Y, Z]] = km.cluster_centers_
-    anchors[:, [W, L, H]] = np.log(in_range[:, [W, L, H]].mean(axis=0))
+    anchors[:, [LENGTH, WIDTH, HEIGHT]] = np.log(in_range[:, [LENGTH, WIDTH, HEIGHT]].mean(axis=0))
     anchors[:, COS_YAW] = 1.0
     return anchors, {"inertia": float(km.inertia_), "boxes_used": int(len(in_range)), "n_init": int(n_init)}

@@ -17,7 +17,6 @@ TINY = dict(
     embed_dims=64,
     num_groups=4,
     num_decoder=3,
-    num_anchor=40,
     num_temp_instances=20,
     num_dn_groups=2,
     num_temp_dn_groups=1,
@@ -116,16 +115,16 @@ def test_training_over_three_frames_uses_temporal_denoising(tiny):
         losses = tiny(make_batch(t=t))
         sum(losses.values()).backward()
         assert all(torch.isfinite(v) for v in losses.values())
-    dn = tiny.head.sampler.dn_metas
+    dn = tiny.head.target_assigner.dn_metas
     assert dn["dn_anchor"].shape[:2] == (2, 1)  # (bs, num_temp_dn_groups)
     assert dn["dn_id_target"].shape == dn["valid_mask"].shape
 
 
 def test_denoising_targets(tiny):
-    sampler = tiny.head.sampler
+    assigner = tiny.head.target_assigner
     batch = make_batch(num_gt=5)
     ids = [torch.arange(5), torch.arange(5)]
-    dn_anchor, dn_box, dn_cls, attn_mask, valid, dn_ids = sampler.get_dn_anchors(
+    dn_anchor, dn_box, dn_cls, attn_mask, valid, dn_ids = assigner.get_dn_anchors(
         batch["gt_labels_3d"], batch["gt_bboxes_3d"], ids
     )
     groups, per_group = 2, 5 * 2  # positives and negatives

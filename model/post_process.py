@@ -1,21 +1,21 @@
-"""Turns the last decoder's outputs into boxes: top-k over (instance, class) scores, weighted by
-the predicted centerness, boxes decoded to x, y, z, w, l, h, yaw, vx, vy, vz (LiDAR frame)."""
+"""Post-processing: turns the last decoder's outputs into boxes: top-k over (instance, class) scores, weighted by
+the predicted centerness, boxes decoded to x, y, z, l, w, h, yaw, vx, vy, vz (LiDAR frame, model.box3d)."""
 
 from __future__ import annotations
 
 import torch
 
-from model.box3d import CNS, COS_YAW, SIN_YAW, VX, H, L, W, X, Y, Z
+from model.box3d import CNS, COS_YAW, HEIGHT, LENGTH, SIN_YAW, VX, WIDTH, X, Y, Z
 
 
 def decode_box(box: torch.Tensor) -> torch.Tensor:
     """(n, 11) encoded -> (n, 10) decoded."""
     yaw = torch.atan2(box[:, SIN_YAW], box[:, COS_YAW])
-    return torch.cat([box[:, [X, Y, Z]], box[:, [W, L, H]].exp(), yaw[:, None], box[:, VX:]], dim=-1)
+    return torch.cat([box[:, [X, Y, Z]], box[:, [LENGTH, WIDTH, HEIGHT]].exp(), yaw[:, None], box[:, VX:]], dim=-1)
 
 
-class SparseBox3DDecoder:
-    """Post-processing of the last decoder's outputs.
+class BoxPostProcessor:
+    """Post-processing of the last decoder's outputs (the reference's `SparseBox3DDecoder`).
 
     `cls_scores` (the class confidence before quality weighting, which the reference's tracking
     output thresholds) keeps the reference's order by default: top-k order, not re-sorted with
