@@ -8,37 +8,33 @@ import sys
 import urllib.parse
 from pathlib import Path
 
+from pipeline.cli import run_stage, stage_parser
 from pipeline.download import DownloadError, fetch
-from pipeline.params import ParamsError, load_params, write_json_atomic
+from pipeline.params import load_params, write_json_atomic
+
+
+def run(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    p = load_params(args.params, "backbone")
+    source = str(p["source"]).strip()
+    manifest = {"source": source, "file": None, "sha256": None, "bytes": 0}
+    if source.lower() != "none":
+        name = Path(urllib.parse.urlparse(source).path).name or "backbone.pth"
+        digest = fetch(source, out / name, sha256=p.get("sha256") or None, retries=int(p["retries"]))
+        manifest.update(file=name, sha256=digest, bytes=os.path.getsize(out / name))
+    # Weights of an earlier source are not left behind to be picked up by mistake.
+    for stale in out.glob("*.pth"):
+        if stale.name != manifest["file"]:
+            stale.unlink()
+    write_json_atomic(out / "backbone.json", manifest)
+    print(f"backbone: {manifest}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser("backbone", __doc__)
     parser.add_argument("--out", default="ckpt", help="folder for the weights and backbone.json")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    try:
-        p = load_params(args.params, "backbone")
-        source = str(p["source"]).strip()
-        manifest = {"source": source, "file": None, "sha256": None, "bytes": 0}
-        if source.lower() != "none":
-            name = Path(urllib.parse.urlparse(source).path).name or "backbone.pth"
-            digest = fetch(source, out / name, sha256=p.get("sha256") or None, retries=int(p["retries"]))
-            manifest.update(file=name, sha256=digest, bytes=os.path.getsize(out / name))
-        # Weights of an earlier source are not left behind to be picked up by mistake.
-        for stale in out.glob("*.pth"):
-            if stale.name != manifest["file"]:
-                stale.unlink()
-    except (DownloadError, ParamsError) as err:
-        print(f"backbone: {err}", file=sys.stderr)
-        return 2
-    except KeyError as err:
-        print(f"backbone: {args.params}: missing parameter backbone.{err.args[0]}", file=sys.stderr)
-        return 2
-    write_json_atomic(out / "backbone.json", manifest)
-    print(f"backbone: {manifest}")
-    return 0
+    return run_stage("backbone", run, args, errors=(DownloadError,))
 
 
 if __name__ == "__main__":

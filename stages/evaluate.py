@@ -7,37 +7,34 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.cli import run_stage, stage_parser
 from pipeline.devices import DeviceError, resolve_device, run_workers
 from pipeline.params import ParamsError, load_params
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--infos", default="data/infos/nuscenes_infos_val.pkl")
-    parser.add_argument("--checkpoint", default="runs/train/model.pth")
-    parser.add_argument("--out", default="runs/evaluate")
-    parser.add_argument("--metrics", default="metrics/evaluate.json")
-    parser.add_argument("--plots", default="plots/evaluate")
-    args = parser.parse_args(argv)
-    try:
-        ep = load_params(args.params, "evaluate")
-        device = resolve_device(str(ep["device"]))
-        devices = int(ep["devices"])
-        if devices < 1:
-            raise ParamsError(f"{args.params}: evaluate.devices must be >= 1, got {devices}")
-    except (ParamsError, DeviceError) as err:
-        print(f"evaluate: {err}", file=sys.stderr)
-        return 2
-    except KeyError as err:
-        print(f"evaluate: {args.params}: missing parameter evaluate.{err.args[0]}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    ep = load_params(args.params, "evaluate")
+    device = resolve_device(str(ep["device"]))
+    devices = int(ep["devices"])
+    if devices < 1:
+        raise ParamsError(f"{args.params}: evaluate.devices must be >= 1, got {devices}")
     Path(args.plots).mkdir(parents=True, exist_ok=True)
     worker_args = [
         "--params", args.params, "--infos", args.infos, "--checkpoint", args.checkpoint,
         "--out", args.out, "--metrics", args.metrics, "--plots", args.plots,
     ]  # fmt: skip
     return run_workers("pipeline.evaluate", worker_args, device, devices)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser("evaluate", __doc__)
+    parser.add_argument("--infos", default="data/infos/nuscenes_infos_val.pkl")
+    parser.add_argument("--checkpoint", default="runs/train/model.pth")
+    parser.add_argument("--out", default="runs/evaluate")
+    parser.add_argument("--metrics", default="metrics/evaluate.json")
+    parser.add_argument("--plots", default="plots/evaluate")
+    args = parser.parse_args(argv)
+    return run_stage("evaluate", run, args, errors=(DeviceError,))
 
 
 if __name__ == "__main__":

@@ -9,26 +9,26 @@ import argparse
 import sys
 import time
 
+from pipeline.cli import run_stage, stage_parser
 from pipeline.fingerprint import FingerprintError, dataset_fingerprint
-from pipeline.params import ParamsError, load_params, write_json_atomic
+from pipeline.params import load_params, write_json_atomic
+
+
+def run(args: argparse.Namespace) -> None:
+    p = load_params(args.params, "convert")
+    start = time.perf_counter()
+    result = dataset_fingerprint(p["data_root"])
+    elapsed = time.perf_counter() - start
+    write_json_atomic(args.out, result)
+    files = sum(f["files"] for f in result.values())
+    print(f"fingerprint: {files} files in {len(result)} folders in {elapsed:.1f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser("fingerprint", __doc__)
     parser.add_argument("--out", default="data/fingerprint.json")
     args = parser.parse_args(argv)
-    try:
-        p = load_params(args.params, "convert")
-        start = time.perf_counter()
-        fingerprint = dataset_fingerprint(p["data_root"])
-    except (FingerprintError, ParamsError) as err:
-        print(f"fingerprint: {err}", file=sys.stderr)
-        return 2
-    write_json_atomic(args.out, fingerprint)
-    files = sum(f["files"] for f in fingerprint.values())
-    print(f"fingerprint: {files} files in {len(fingerprint)} folders in {time.perf_counter() - start:.1f} s")
-    return 0
+    return run_stage("fingerprint", run, args, errors=(FingerprintError,), section="convert")
 
 
 if __name__ == "__main__":

@@ -6,13 +6,34 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.cli import run_stage, stage_parser
 from pipeline.devices import DeviceError, resolve_device, run_workers
 from pipeline.params import ParamsError, load_params
 
 
+def run(args: argparse.Namespace) -> int:
+    tp = load_params(args.params, "train")
+    device = resolve_device(str(tp["device"]))
+    devices, nnodes = int(tp["devices"]), int(tp["nnodes"])
+    if devices < 1 or nnodes < 1:
+        raise ParamsError(f"{args.params}: train.devices and train.nnodes must be >= 1, got {devices} and {nnodes}")
+    if int(tp["total_batch_size"]) % (devices * nnodes):
+        raise ParamsError(
+            f"{args.params}: train.total_batch_size {tp['total_batch_size']} is not divisible by "
+            f"{devices * nnodes} devices (train.devices x train.nnodes)"
+        )
+    worker_args = [
+        "--params", args.params, "--infos", args.infos, "--anchors", args.anchors, "--backbone", args.backbone,
+        "--out", args.out, "--metrics", args.metrics, "--live", args.live, "--val-infos", args.val_infos,
+    ]  # fmt: skip
+    return run_workers(
+        "pipeline.train", worker_args, device, devices, nnodes, int(tp["node_rank"]), str(tp["master_addr"]),
+        int(tp["master_port"]),
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser("train", __doc__)
     parser.add_argument("--infos", default="data/infos/nuscenes_infos_train.pkl")
     parser.add_argument(
         "--val-infos", default="data/infos/nuscenes_infos_val.pkl", help="read when train.eval_interval > 0"
@@ -23,31 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", default="metrics/train.json")
     parser.add_argument("--live", default="runs/train/live")
     args = parser.parse_args(argv)
-    try:
-        tp = load_params(args.params, "train")
-        device = resolve_device(str(tp["device"]))
-        devices, nnodes = int(tp["devices"]), int(tp["nnodes"])
-        if devices < 1 or nnodes < 1:
-            raise ParamsError(f"{args.params}: train.devices and train.nnodes must be >= 1, got {devices} and {nnodes}")
-        if int(tp["total_batch_size"]) % (devices * nnodes):
-            raise ParamsError(
-                f"{args.params}: train.total_batch_size {tp['total_batch_size']} is not divisible by "
-                f"{devices * nnodes} devices (train.devices x train.nnodes)"
-            )
-    except (ParamsError, DeviceError) as err:
-        print(f"train: {err}", file=sys.stderr)
-        return 2
-    except KeyError as err:
-        print(f"train: {args.params}: missing parameter train.{err.args[0]}", file=sys.stderr)
-        return 2
-    worker_args = [
-        "--params", args.params, "--infos", args.infos, "--anchors", args.anchors, "--backbone", args.backbone,
-        "--out", args.out, "--metrics", args.metrics, "--live", args.live, "--val-infos", args.val_infos,
-    ]  # fmt: skip
-    return run_workers(
-        "pipeline.train", worker_args, device, devices, nnodes, int(tp["node_rank"]), str(tp["master_addr"]),
-        int(tp["master_port"]),
-    )  # fmt: skip
+    return run_stage("train", run, args, errors=(DeviceError,))
 
 
 if __name__ == "__main__":
