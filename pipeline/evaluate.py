@@ -529,7 +529,7 @@ def evaluate(params: dict, infos_path: str, checkpoint: str, out_dir: str, metri
     from pipeline.devices import amp_dtype, init_distributed, resolve_device
 
     ep, mp, dp, cp = params["evaluate"], params["model"], params["data"], params["convert"]
-    ckpt_path = str(ep.get("checkpoint") or checkpoint)
+    ckpt_path = str(checkpoint)  # exactly the checkpoint given (the stage: --checkpoint or evaluate.checkpoint)
     if not Path(ckpt_path).is_file():
         raise EvaluateError(f"{ckpt_path}: checkpoint not found (train first, or set evaluate.checkpoint)")
     if not Path(infos_path).is_file():

@@ -18,9 +18,14 @@ def run(args: argparse.Namespace) -> int:
     devices = int(ep["devices"])
     if devices < 1:
         raise ParamsError(f"{args.params}: evaluate.devices must be >= 1, got {devices}")
+    # The checkpoint scored is exactly the one named: --checkpoint, else evaluate.checkpoint
+    # (dvc.yaml passes the param, which is also the stage's dependency).
+    checkpoint = str(ep["checkpoint"]) if args.checkpoint is None else args.checkpoint
+    if not checkpoint:
+        raise ParamsError("--checkpoint is empty: name the checkpoint to score")
     Path(args.plots).mkdir(parents=True, exist_ok=True)
     worker_args = [
-        "--params", args.params, "--infos", args.infos, "--checkpoint", args.checkpoint,
+        "--params", args.params, "--infos", args.infos, "--checkpoint", checkpoint,
         "--out", args.out, "--metrics", args.metrics, "--plots", args.plots,
     ]  # fmt: skip
     return run_workers("pipeline.evaluate", worker_args, device, devices)
@@ -29,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("evaluate", __doc__)
     parser.add_argument("--infos", default="data/infos/nuscenes_infos_val.pkl")
-    parser.add_argument("--checkpoint", default="runs/train/model.pth")
+    parser.add_argument("--checkpoint", help="the checkpoint to score (default: the params file's evaluate.checkpoint)")
     parser.add_argument("--out", default="runs/evaluate")
     parser.add_argument("--metrics", default="metrics/evaluate.json")
     parser.add_argument("--plots", default="plots/evaluate")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from pipeline.cli import run_stage
 from pipeline.params import ParamsError
@@ -69,3 +70,29 @@ def test_a_bug_keeps_its_traceback_and_a_body_its_exit_code():
         run_stage("demo", bug, namespace(), errors=(StageFailure,))
     assert run_stage("demo", lambda args: None, namespace()) == 0
     assert run_stage("demo", lambda args: 3, namespace()) == 3
+
+
+def evaluate_params(tmp_path, checkpoint: str):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["evaluate"].update(device="cpu", devices=1, checkpoint=checkpoint)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_evaluate_scores_the_checkpoint_flag_over_the_param(tmp_path, capfd):
+    """`--checkpoint` names the file scored even when evaluate.checkpoint names another (here an
+    existing file that is no checkpoint); without the flag, the param's file is the one."""
+    from stages.evaluate import main
+
+    (tmp_path / "param.pth").write_bytes(b"not a checkpoint")
+    params = evaluate_params(tmp_path, str(tmp_path / "param.pth"))
+    args = ["--params", str(params), "--out", str(tmp_path / "out"), "--plots", str(tmp_path / "plots")]
+    assert main([*args, "--checkpoint", str(tmp_path / "flag.pth")]) == 2
+    assert f"evaluate: {tmp_path / 'flag.pth'}: checkpoint not found" in capfd.readouterr().err
+
+    params = evaluate_params(tmp_path, str(tmp_path / "missing-param.pth"))
+    assert main(args) == 2
+    assert f"evaluate: {tmp_path / 'missing-param.pth'}: checkpoint not found" in capfd.readouterr().err
+    assert main([*args, "--checkpoint", ""]) == 2
+    assert "evaluate: --checkpoint is empty" in capfd.readouterr().err
