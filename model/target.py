@@ -36,7 +36,18 @@ def encode_box(box: torch.Tensor) -> torch.Tensor:
     )
 
 
+def block_diagonal_mask(groups: int, size: int, device: torch.device) -> torch.Tensor:
+    """(groups*size, groups*size) attention mask, True = blocked: each group sees only itself."""
+    mask = torch.ones(groups * size, groups * size, dtype=torch.bool, device=device)
+    for g in range(groups):
+        mask[g * size : (g + 1) * size, g * size : (g + 1) * size] = False
+    return mask
+
+
 class SparseBox3DTarget:
+    """Target assignment: matches predictions to ground truth and makes the denoising queries
+    (the reference's `sampler` of the head)."""
+
     def __init__(
         self,
         cls_weight: float = 2.0,
@@ -117,13 +128,43 @@ class SparseBox3DTarget:
         box_target: list[torch.Tensor],
         gt_instance_id: list[torch.Tensor] | None = None,
     ):
-        """Noisy anchors (bs, G*M, 11), their box (bs, G*M, 11) and class (bs, G*M) targets
+        """Noisy anchors (bs, G*M, 10) (encoded ground truth has no vz), their box (bs, G*M, 10) and class (bs, G*M) targets
         (NEGATIVE_QUERY, NO_TARGET: padding), the attention mask between groups (G*M, G*M; True = blocked),
-        the valid mask (bs, G*M) and instance ids (bs, G*M) or None; None without denoising."""
+        the valid mask (bs, G*M) and instance ids (bs, G*M) or None; None without denoising.
+        M queries per group: the (first max_dn_gt) boxes, twice with add_neg_dn."""
         if self.num_dn_groups <= 0:
             return None
         if self.num_temp_dn_groups <= 0:
             gt_instance_id = None
+        padded = self._padded_targets(cls_target, box_target, gt_instance_id)
+        if padded is None:
+            return None
+        cls_t, box_t, ids = padded
+        bs, groups = cls_t.shape[0], self.num_dn_groups
+        if groups > 1:
+            cls_t, box_t = cls_t.tile(groups, 1), box_t.tile(groups, 1, 1)
+            ids = ids.tile(groups, 1) if ids is not None else None
+        dn_anchor = self._noisy_anchors(box_t)  # (G*bs, M, 10)
+        num_queries = dn_anchor.shape[1]
+        dn_box, dn_cls, dn_ids = self._assign_dn_targets(dn_anchor, box_t, cls_t, ids)
+
+        def by_sample(x: torch.Tensor) -> torch.Tensor:
+            # (G*bs, M, ...) -> (bs, G*M, ...)
+            return x.reshape(groups, bs, num_queries, *x.shape[2:]).transpose(0, 1).flatten(1, 2)
+
+        dn_anchor, dn_box, dn_cls = by_sample(dn_anchor), by_sample(dn_box), by_sample(dn_cls)
+        dn_ids = by_sample(dn_ids) if dn_ids is not None else None
+        valid_mask = dn_cls >= 0
+        if self.add_neg_dn:
+            orig_cls = by_sample(torch.cat([cls_t, cls_t], dim=1))
+            valid_mask = valid_mask | ((orig_cls >= 0) & (dn_cls == NEGATIVE_QUERY))  # not padding
+        attn_mask = block_diagonal_mask(groups, num_queries, dn_anchor.device)
+        return dn_anchor, dn_box, dn_cls.long(), attn_mask, valid_mask, dn_ids
+
+    def _padded_targets(self, cls_target, box_target, gt_instance_id):
+        """The first max_dn_gt boxes of each sample, padded to the batch's most: classes (bs, M)
+        (NO_TARGET for padding), encoded boxes (bs, M, 10) (zeros for padding), ids (bs, M) or
+        None; None when no sample has a box."""
         if self.max_dn_gt > 0:
             cls_target = [x[: self.max_dn_gt] for x in cls_target]
             box_target = [x[: self.max_dn_gt] for x in box_target]
@@ -138,11 +179,11 @@ class SparseBox3DTarget:
         ids = None
         if gt_instance_id is not None:
             ids = torch.stack([F.pad(x, (0, max_gt - len(x)), value=NO_TARGET) for x in gt_instance_id])
-        bs, num_gt, state_dims = box_t.shape
-        groups = self.num_dn_groups
-        if groups > 1:
-            cls_t, box_t = cls_t.tile(groups, 1), box_t.tile(groups, 1, 1)
-            ids = ids.tile(groups, 1) if ids is not None else None
+        return cls_t, box_t, ids
+
+    def _noisy_anchors(self, box_t: torch.Tensor) -> torch.Tensor:
+        """(n, M, 10) boxes -> (n, M, 10) with uniform noise in [-scale, scale], followed with
+        add_neg_dn by (n, M, 10) negatives with noise of 1 to 2 scales."""
         scale = box_t.new_tensor(self.dn_noise_scale)
         dn_anchor = box_t + (torch.rand_like(box_t) * 2 - 1) * scale
         if self.add_neg_dn:
@@ -150,7 +191,12 @@ class SparseBox3DTarget:
             magnitude = torch.rand_like(box_t) + 1
             sign = torch.where(torch.rand_like(box_t) > 0.5, box_t.new_tensor(1.0), box_t.new_tensor(-1.0))
             dn_anchor = torch.cat([dn_anchor, box_t + magnitude * sign * scale], dim=1)
-            num_gt *= 2
+        return dn_anchor
+
+    def _assign_dn_targets(self, dn_anchor, box_t, cls_t, ids):
+        """Each box's target goes to its nearest noisy anchor (Hungarian on the L1 box cost, per row
+        of (n, Q, 10) anchors vs (n, M, 10) boxes); the other queries are NEGATIVE_QUERY with
+        zero boxes and NO_TARGET ids. Returns boxes (n, Q, 10), classes (n, Q), ids (n, Q) or None."""
         dn_box = torch.zeros_like(dn_anchor)
         dn_cls = torch.full_like(cls_t, NEGATIVE_QUERY)
         dn_ids = torch.full_like(ids, NO_TARGET) if ids is not None else None
@@ -166,21 +212,7 @@ class SparseBox3DTarget:
             dn_cls[i, a_idx] = cls_t[i, g_idx]
             if dn_ids is not None:
                 dn_ids[i, a_idx] = ids[i, g_idx]
-
-        def by_sample(x: torch.Tensor) -> torch.Tensor:
-            # (G*bs, M, ...) -> (bs, G*M, ...)
-            return x.reshape(groups, bs, num_gt, *x.shape[2:]).transpose(0, 1).flatten(1, 2)
-
-        dn_anchor, dn_box, dn_cls = by_sample(dn_anchor), by_sample(dn_box), by_sample(dn_cls)
-        dn_ids = by_sample(dn_ids) if dn_ids is not None else None
-        valid_mask = dn_cls >= 0
-        if self.add_neg_dn:
-            orig_cls = by_sample(torch.cat([cls_t, cls_t], dim=1))
-            valid_mask = valid_mask | ((orig_cls >= 0) & (dn_cls == NEGATIVE_QUERY))  # not padding
-        attn_mask = torch.ones(num_gt * groups, num_gt * groups, dtype=torch.bool, device=dn_anchor.device)
-        for g in range(groups):
-            attn_mask[g * num_gt : (g + 1) * num_gt, g * num_gt : (g + 1) * num_gt] = False
-        return dn_anchor, dn_box, dn_cls.long(), attn_mask, valid_mask, dn_ids
+        return dn_box, dn_cls, dn_ids
 
     def update_dn(
         self,
