@@ -36,9 +36,9 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from pyquaternion import Quaternion
 
 from model.box3d import YAW
+from pipeline.geometry import pose_matrix
 
 IMG_MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # RGB
 IMG_STD = np.array([58.395, 57.12, 57.375], np.float32)
@@ -62,13 +62,6 @@ class DatasetError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------- geometry
-
-
-def _pose(rotation: Sequence[float], translation: Sequence[float]) -> np.ndarray:
-    mat = np.eye(4)
-    mat[:3, :3] = Quaternion(list(rotation)).rotation_matrix
-    mat[:3, 3] = translation
-    return mat
 
 
 def lidar2img_matrices(info: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -392,7 +385,7 @@ class Sparse4DDataset(torch.utils.data.Dataset):
             aug = self.get_augmentation()
         info = self.data_infos[index]
         lidar2img, intrinsics = lidar2img_matrices(info)
-        lidar2global = _pose(info["ego2global_rotation"], info["ego2global_translation"]) @ _pose(
+        lidar2global = pose_matrix(info["ego2global_rotation"], info["ego2global_translation"]) @ pose_matrix(
             info["lidar2ego_rotation"], info["lidar2ego_translation"]
         )
         final_h, final_w = self.aug_conf["final_dim"]

@@ -6,7 +6,6 @@ appears at `dest` only after its sha256 matched, so `dest` is never partial or c
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
@@ -19,19 +18,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-CHUNK = 1 << 20
+from pipeline.files import CHUNK, sha256_of
 
 
 class DownloadError(RuntimeError):
     """The source could not be fetched or failed its checksum; the message says which."""
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def expected_prefix(name: str) -> str | None:

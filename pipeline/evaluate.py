@@ -23,7 +23,8 @@ import torch
 from pyquaternion import Quaternion
 from tqdm import tqdm
 
-from pipeline.params import write_bytes_atomic, write_json_atomic
+from pipeline.files import write_bytes_atomic, write_json_atomic
+from pipeline.settings import SPLITS
 
 DEFAULT_ATTRIBUTE = {
     "car": "vehicle.parked",
@@ -37,7 +38,8 @@ DEFAULT_ATTRIBUTE = {
     "barrier": "",
     "traffic_cone": "",
 }
-EVAL_SETS = {"v1.0-mini": "mini_val", "v1.0-trainval": "val"}
+# The devkit split each annotated version is scored on (mini_val, val).
+EVAL_SETS = {version: val for version, (_, val) in SPLITS.items() if val}
 DETECTION_CONFIG = "detection_cvpr_2019"
 TRACKING_CONFIG = "tracking_nips_2019"  # the reference's track3d_eval_version
 

@@ -1,16 +1,20 @@
-"""Reading params.yaml sections and writing outputs atomically."""
+"""Reading params.yaml: the whole file checked against pipeline.settings.SCHEMA, then a section.
+
+The atomic writers live in pipeline.files; `write_bytes_atomic` and `write_json_atomic` are
+re-exported here for the modules that still import them from this one."""
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipeline.files import write_bytes_atomic, write_json_atomic
 from pipeline.settings import params_problems
+
+__all__ = ["ParamsError", "load_params", "read_params", "write_bytes_atomic", "write_json_atomic"]
 
 
 class ParamsError(ValueError):
@@ -39,21 +43,3 @@ def read_params(path: str | os.PathLike) -> dict[str, Any]:
 def load_params(path: str | os.PathLike, section: str) -> dict[str, Any]:
     """The `section` mapping of a params file, after checking the whole file (read_params)."""
     return read_params(path)[section]
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp file beside `path`, then rename: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

@@ -20,6 +20,8 @@ import cv2
 import numpy as np
 from pyquaternion import Quaternion
 
+from pipeline.files import write_bytes_atomic
+
 CAMERA_GRID = (
     ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT"),
     ("CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT"),
@@ -296,8 +298,6 @@ def draw_tracks(scene_infos: list[dict], gt_tracks: dict, pred_tracks: dict, pat
 
 
 def write_png(path: str, rgb: np.ndarray) -> None:
-    from pipeline.params import write_bytes_atomic
-
     ok, data = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 3])
     if not ok:
         raise RuntimeError(f"{path}: PNG encoding failed")

@@ -31,6 +31,9 @@ CLASSES = (
 # nuScenes releases; the synthetic twin writes the annotated ones (a test split has no boxes).
 VERSIONS = ("v1.0-trainval", "v1.0-test", "v1.0-mini")
 ANNOTATED_VERSIONS = ("v1.0-mini", "v1.0-trainval")
+# Each version's scene splits as the devkit names them (nuscenes.utils.splits): (train, val);
+# v1.0-test has no val split.
+SPLITS = {"v1.0-trainval": ("train", "val"), "v1.0-test": ("test", ""), "v1.0-mini": ("mini_train", "mini_val")}
 
 # The reference's global batch (6 per device x 8 devices), at which its lr 6e-4 was tuned.
 REFERENCE_BATCH = 48

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -23,7 +23,9 @@ from PIL import Image
 from pyquaternion import Quaternion
 from tqdm import tqdm
 
+from pipeline.geometry import pose_matrix
 from pipeline.settings import ANNOTATED_VERSIONS as VERSIONS  # the twin writes boxes: not v1.0-test
+from pipeline.settings import SPLITS
 from pipeline.twin.render import CameraRenderer, cast_lidar, lidar_rays
 from pipeline.twin.world import (
     ALL_CATEGORIES,
@@ -82,7 +84,6 @@ class TwinConfig:
     sweeps_per_sample: int = 9
     lidar_azimuth_steps: int = 720
     classes: tuple[str, ...] = CLASSES
-    extra: dict = field(default_factory=dict, compare=False)
 
     def validate(self) -> None:
         def bad(name: str, expected: str, got: object) -> TwinConfigError:
@@ -118,7 +119,7 @@ def scene_names(version: str, count: int | None) -> list[str]:
     """Scene names from the devkit's splits, interleaving train and val (about 4:1)."""
     from nuscenes.utils import splits
 
-    train, val = (splits.mini_train, splits.mini_val) if version == "v1.0-mini" else (splits.train, splits.val)
+    train, val = (getattr(splits, name) for name in SPLITS[version])
     names, ti, vi = [], 0, 0
     while ti < len(train) or vi < len(val):
         if vi < len(val) and (ti >= len(train) or len(names) % 5 == 1):
@@ -135,33 +136,56 @@ def _token(cfg: TwinConfig, *parts: object) -> str:
     return hashlib.md5(key.encode()).hexdigest()
 
 
-def _transform(translation: list[float], rotation: list[float]) -> np.ndarray:
-    """(4, 4) from a nuScenes translation and [w, x, y, z] rotation."""
-    mat = np.eye(4)
-    mat[:3, :3] = Quaternion(rotation).rotation_matrix
-    mat[:3, 3] = translation
-    return mat
-
-
-def _log_name(cfg: TwinConfig, scene: Scene) -> str:
+def _log_record(cfg: TwinConfig, scene: Scene) -> dict:
     location = LOCATIONS[scene.index % len(LOCATIONS)]
     prefix = "n015" if location.startswith("singapore") else "n008"
     stamp = (BASE_TIMESTAMP_US // 1_000_000) + 3600 * scene.index
-    return f"{prefix}-synthetic-{cfg.seed}-{stamp}"
+    return {
+        "token": _token(cfg, "log", scene.index),
+        "logfile": f"{prefix}-synthetic-{cfg.seed}-{stamp}",
+        "vehicle": prefix,
+        "date_captured": "2018-07-24",
+        "location": location,
+    }
 
 
-def _count_in_boxes(points: np.ndarray, boxes_sensor: np.ndarray) -> np.ndarray:
-    """(n,) number of (m, 3) sensor-frame points inside each of (n, 7) sensor-frame boxes."""
-    counts = np.zeros(len(boxes_sensor), dtype=np.int64)
-    p = points.astype(np.float64)
-    for k, b in enumerate(boxes_sensor):
-        c, s = np.cos(b[6]), np.sin(b[6])
-        rel = p - b[:3]
-        x = c * rel[:, 0] + s * rel[:, 1]
-        y = -s * rel[:, 0] + c * rel[:, 1]
-        inside = (np.abs(x) <= b[4] / 2) & (np.abs(y) <= b[3] / 2) & (np.abs(rel[:, 2]) <= b[5] / 2)
-        counts[k] = int(inside.sum())
-    return counts
+def _calibration(cfg: TwinConfig, index: int) -> dict[str, dict]:
+    """calibrated_sensor records of one scene, by channel: the six cameras, then LIDAR_TOP."""
+    calib: dict[str, dict] = {}
+    for cam in CAMERAS:
+        rot = Quaternion(matrix=camera_rotation(cam.yaw_deg))
+        calib[cam.channel] = {
+            "token": _token(cfg, "calibrated_sensor", index, cam.channel),
+            "sensor_token": _token(cfg, "sensor", cam.channel),
+            "translation": list(cam.translation),
+            "rotation": [float(v) for v in rot.elements],
+            "camera_intrinsic": camera_intrinsic(cam, cfg.image_width, cfg.image_height).tolist(),
+        }
+    calib["LIDAR_TOP"] = {
+        "token": _token(cfg, "calibrated_sensor", index, "LIDAR_TOP"),
+        "sensor_token": _token(cfg, "sensor", "LIDAR_TOP"),
+        "translation": list(LIDAR_TRANSLATION),
+        "rotation": yaw_quaternion(float(np.radians(LIDAR_YAW_DEG))),
+        "camera_intrinsic": [],
+    }
+    return calib
+
+
+def _lidar_points_in_boxes(points: np.ndarray, boxes_sensor: np.ndarray) -> np.ndarray:
+    """(n,) number of (m, 3) sensor-frame points inside each of (n, 7) sensor-frame boxes
+    (x, y, z, w, l, h, yaw), by the devkit's points_in_box: cast_lidar keeps every box hit at
+    least 1 mm inside the box, so no count hangs on the boundary convention."""
+    from nuscenes.utils.data_classes import Box
+    from nuscenes.utils.geometry_utils import points_in_box
+
+    xyz = points.astype(np.float64).T  # (3, m)
+    return np.array(
+        [
+            int(points_in_box(Box(b[:3], b[3:6], Quaternion(axis=[0, 0, 1], radians=b[6])), xyz).sum())
+            for b in boxes_sensor
+        ],
+        dtype=np.int64,
+    )
 
 
 def _boxes_to_frame(boxes: np.ndarray, global_to_frame: np.ndarray) -> np.ndarray:
@@ -184,131 +208,144 @@ def _renderers(width: int, height: int) -> dict[str, CameraRenderer]:
     return out
 
 
-def generate_scene(cfg: TwinConfig, index: int, root: str) -> dict[str, list[dict]]:
-    """Generate one scene's files under root and return its table records."""
-    name = scene_names(cfg.version, cfg.num_scenes)[index]
-    scene = make_scene(index, name, cfg.samples_per_scene, cfg.objects_per_scene, tuple(cfg.classes), cfg.seed)
-    tables: dict[str, list[dict]] = {t: [] for t in TABLES}
-    log_name = _log_name(cfg, scene)
-    log_token = _token(cfg, "log", index)
-    location = LOCATIONS[index % len(LOCATIONS)]
-    tables["log"].append(
-        {
-            "token": log_token,
-            "logfile": log_name,
-            "vehicle": "n015" if location.startswith("singapore") else "n008",
-            "date_captured": "2018-07-24",
-            "location": location,
-        }
-    )
-    width, height = cfg.image_width, cfg.image_height
-    calib: dict[str, dict] = {}
-    for cam in CAMERAS:
-        rot = Quaternion(matrix=camera_rotation(cam.yaw_deg))
-        calib[cam.channel] = {
-            "token": _token(cfg, "calibrated_sensor", index, cam.channel),
-            "sensor_token": _token(cfg, "sensor", cam.channel),
-            "translation": list(cam.translation),
-            "rotation": [float(v) for v in rot.elements],
-            "camera_intrinsic": camera_intrinsic(cam, width, height).tolist(),
-        }
-    calib["LIDAR_TOP"] = {
-        "token": _token(cfg, "calibrated_sensor", index, "LIDAR_TOP"),
-        "sensor_token": _token(cfg, "sensor", "LIDAR_TOP"),
-        "translation": list(LIDAR_TRANSLATION),
-        "rotation": yaw_quaternion(float(np.radians(LIDAR_YAW_DEG))),
-        "camera_intrinsic": [],
-    }
-    tables["calibrated_sensor"].extend(calib.values())
-    renderers = _renderers(width, height)
-    dirs, ring = lidar_rays(cfg.lidar_azimuth_steps)
-    names = [o.name for o in scene.objects]
-    base_ts = BASE_TIMESTAMP_US + index * 3_600_000_000
-    sample_tokens = [_token(cfg, "sample", index, k) for k in range(cfg.samples_per_scene)]
-    channel_chain: dict[str, list[dict]] = {c.channel: [] for c in CAMERAS}
-    channel_chain["LIDAR_TOP"] = []
+def _visibility_levels(visible: np.ndarray, area: np.ndarray) -> np.ndarray:
+    """(n,) nuScenes visibility tokens 1..4 (0-40, 40-60, 60-80, 80-100 %) from the visible and
+    total rendered pixels of each object over the six cameras."""
+    frac = np.where(area > 0, visible / np.maximum(area, 1), 0.0)
+    return np.digitize(frac, [0.4, 0.6, 0.8]) + 1
 
-    def add_sample_data(
-        channel: str, t_us: int, key: bool, sample_k: int, filename: str, w: int, h: int
+
+class _SceneWriter:
+    """Writes one scene's sensor files and collects its table records, key frame by key frame.
+
+    Records are appended in the order the sensors fire (LiDAR sweeps, the key-frame sweep, then
+    the cameras), so the tables come out the same on every run."""
+
+    def __init__(self, cfg: TwinConfig, index: int, root: str):
+        self.cfg, self.index, self.root = cfg, index, root
+        self.name = scene_names(cfg.version, cfg.num_scenes)[index]
+        self.scene = make_scene(
+            index, self.name, cfg.samples_per_scene, cfg.objects_per_scene, tuple(cfg.classes), cfg.seed
+        )
+        self.tables: dict[str, list[dict]] = {t: [] for t in TABLES}
+        log = _log_record(cfg, self.scene)
+        self.log_name = log["logfile"]
+        self.tables["log"].append(log)
+        self.calib = _calibration(cfg, index)
+        self.tables["calibrated_sensor"].extend(self.calib.values())
+        self.renderers = _renderers(cfg.image_width, cfg.image_height)
+        self.dirs, self.ring = lidar_rays(cfg.lidar_azimuth_steps)
+        self.object_names = [o.name for o in self.scene.objects]
+        self.base_us = BASE_TIMESTAMP_US + index * 3_600_000_000
+        self.sample_tokens = [_token(cfg, "sample", index, k) for k in range(cfg.samples_per_scene)]
+        self.channel_chain: dict[str, list[dict]] = {c.channel: [] for c in CAMERAS}
+        self.channel_chain["LIDAR_TOP"] = []
+        self.ann_tokens: list[list[str]] = []
+
+    def seconds(self, t_us: int) -> float:
+        """Scene time (s from its start) of a timestamp."""
+        return (t_us - self.base_us) / 1e6
+
+    def sample_data(
+        self, channel: str, t_us: int, key: bool, sample_k: int, filename: str, width: int, height: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Adds a sample_data and its ego pose; returns the ego->global and sensor->global transforms."""
-        t = (t_us - base_ts) / 1e6
-        translation, rotation = scene.ego_pose(t)
-        sd_token = _token(cfg, "sample_data", index, channel, t_us)
-        tables["ego_pose"].append(
+        translation, rotation = self.scene.ego_pose(self.seconds(t_us))
+        sd_token = _token(self.cfg, "sample_data", self.index, channel, t_us)
+        self.tables["ego_pose"].append(
             {"token": sd_token, "timestamp": t_us, "rotation": rotation, "translation": translation}
         )
-        record = {
-            "token": sd_token,
-            "sample_token": sample_tokens[sample_k],
-            "ego_pose_token": sd_token,
-            "calibrated_sensor_token": calib[channel]["token"],
-            "timestamp": t_us,
-            "fileformat": "jpg" if channel.startswith("CAM") else "pcd",
-            "is_key_frame": key,
-            "height": h,
-            "width": w,
-            "filename": filename,
-            "prev": "",
-            "next": "",
-        }
-        channel_chain[channel].append(record)
-        ego_to_global = _transform(translation, rotation)
-        return ego_to_global, ego_to_global @ _transform(calib[channel]["translation"], calib[channel]["rotation"])
+        self.channel_chain[channel].append(
+            {
+                "token": sd_token,
+                "sample_token": self.sample_tokens[sample_k],
+                "ego_pose_token": sd_token,
+                "calibrated_sensor_token": self.calib[channel]["token"],
+                "timestamp": t_us,
+                "fileformat": "jpg" if channel.startswith("CAM") else "pcd",
+                "is_key_frame": key,
+                "height": height,
+                "width": width,
+                "filename": filename,
+                "prev": "",
+                "next": "",
+            }
+        )
+        ego_to_global = pose_matrix(rotation, translation)
+        sensor_to_ego = pose_matrix(self.calib[channel]["rotation"], self.calib[channel]["translation"])
+        return ego_to_global, ego_to_global @ sensor_to_ego
 
-    def lidar_sweep(t_us: int, key: bool, sample_k: int) -> tuple[np.ndarray, np.ndarray]:
+    def lidar_sweep(self, t_us: int, key: bool, sample_k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Casts and writes one LiDAR sweep; returns its (m, 5) points and sensor->global transform."""
         folder = "samples" if key else "sweeps"
-        filename = f"{folder}/LIDAR_TOP/{log_name}__LIDAR_TOP__{t_us}.pcd.bin"
-        _, sensor_to_global = add_sample_data("LIDAR_TOP", t_us, key, sample_k, filename, 0, 0)
-        points = cast_lidar(sensor_to_global, dirs, ring, scene.object_boxes((t_us - base_ts) / 1e6), names)
-        with open(os.path.join(root, filename), "wb") as f:
+        filename = f"{folder}/LIDAR_TOP/{self.log_name}__LIDAR_TOP__{t_us}.pcd.bin"
+        _, sensor_to_global = self.sample_data("LIDAR_TOP", t_us, key, sample_k, filename, 0, 0)
+        boxes = self.scene.object_boxes(self.seconds(t_us))
+        points = cast_lidar(sensor_to_global, self.dirs, self.ring, boxes, self.object_names)
+        with open(os.path.join(self.root, filename), "wb") as f:
             f.write(points.tobytes())
         return points, sensor_to_global
 
-    ann_tokens: list[list[str]] = []
-    for k in range(cfg.samples_per_scene):
-        key_us = base_ts + int(round(k * KEYFRAME_DT * 1e6))
-        if k > 0:
-            for j in range(cfg.sweeps_per_sample, 0, -1):
-                sweep_us = key_us - int(round(j * SWEEP_DT * 1e6))
-                # A sweep belongs to the key frame nearest in time.
-                lidar_sweep(sweep_us, False, k if j * SWEEP_DT < KEYFRAME_DT / 2 else k - 1)
-        points, lidar_to_global = lidar_sweep(key_us, True, k)
-        boxes = scene.object_boxes(k * KEYFRAME_DT)
-        num_pts = _count_in_boxes(points[:, :3], _boxes_to_frame(boxes, np.linalg.inv(lidar_to_global)))
-        visible = np.zeros(len(boxes), dtype=np.int64)
-        area = np.zeros(len(boxes), dtype=np.int64)
+    def camera_images(self, k: int, key_us: int) -> tuple[np.ndarray, np.ndarray]:
+        """Renders and writes the six images of key frame k; returns each object's visible and
+        total pixels summed over the cameras."""
+        cfg = self.cfg
+        visible = np.zeros(len(self.scene.objects), dtype=np.int64)
+        area = np.zeros(len(self.scene.objects), dtype=np.int64)
         for cam, offset in zip(CAMERAS, CAMERA_OFFSETS_US):
             t_us = key_us + offset
-            filename = f"samples/{cam.channel}/{log_name}__{cam.channel}__{t_us}.jpg"
-            ego_to_global, cam_to_global = add_sample_data(cam.channel, t_us, True, k, filename, width, height)
-            boxes_now = scene.object_boxes((t_us - base_ts) / 1e6)
-            image, vis, ar = renderers[cam.channel].render(ego_to_global, cam_to_global, boxes_now, names)
+            filename = f"samples/{cam.channel}/{self.log_name}__{cam.channel}__{t_us}.jpg"
+            ego_to_global, cam_to_global = self.sample_data(
+                cam.channel, t_us, True, k, filename, cfg.image_width, cfg.image_height
+            )
+            boxes_now = self.scene.object_boxes(self.seconds(t_us))
+            image, vis, ar = self.renderers[cam.channel].render(
+                ego_to_global, cam_to_global, boxes_now, self.object_names
+            )
             visible += vis
             area += ar
             buf = io.BytesIO()
             Image.fromarray(image).save(buf, format="JPEG", quality=cfg.jpeg_quality)
-            with open(os.path.join(root, filename), "wb") as f:
+            with open(os.path.join(self.root, filename), "wb") as f:
                 f.write(buf.getvalue())
-        tables["sample"].append(
+        return visible, area
+
+    def key_frame(self, k: int) -> None:
+        """Key frame k: the LiDAR sweeps since the previous one, the key sweep, the six images,
+        the sample and its annotations."""
+        cfg = self.cfg
+        key_us = self.base_us + int(round(k * KEYFRAME_DT * 1e6))
+        if k > 0:
+            for j in range(cfg.sweeps_per_sample, 0, -1):
+                sweep_us = key_us - int(round(j * SWEEP_DT * 1e6))
+                # A sweep belongs to the key frame nearest in time.
+                self.lidar_sweep(sweep_us, False, k if j * SWEEP_DT < KEYFRAME_DT / 2 else k - 1)
+        points, lidar_to_global = self.lidar_sweep(key_us, True, k)
+        boxes = self.scene.object_boxes(k * KEYFRAME_DT)
+        num_pts = _lidar_points_in_boxes(points[:, :3], _boxes_to_frame(boxes, np.linalg.inv(lidar_to_global)))
+        visible, area = self.camera_images(k, key_us)
+        self.tables["sample"].append(
             {
-                "token": sample_tokens[k],
+                "token": self.sample_tokens[k],
                 "timestamp": key_us,
-                "prev": sample_tokens[k - 1] if k > 0 else "",
-                "next": sample_tokens[k + 1] if k + 1 < cfg.samples_per_scene else "",
-                "scene_token": _token(cfg, "scene", index),
+                "prev": self.sample_tokens[k - 1] if k > 0 else "",
+                "next": self.sample_tokens[k + 1] if k + 1 < cfg.samples_per_scene else "",
+                "scene_token": _token(cfg, "scene", self.index),
             }
         )
-        frac = np.where(area > 0, visible / np.maximum(area, 1), 0.0)
-        level = np.digitize(frac, [0.4, 0.6, 0.8]) + 1
-        ann_tokens.append([])
-        for i, obj in enumerate(scene.objects):
+        self.annotations(k, boxes, num_pts, _visibility_levels(visible, area))
+
+    def annotations(self, k: int, boxes: np.ndarray, num_pts: np.ndarray, level: np.ndarray) -> None:
+        """sample_annotation records of key frame k: (n, 7) global boxes, LiDAR counts, visibility."""
+        cfg, index = self.cfg, self.index
+        self.ann_tokens.append([])
+        for i, obj in enumerate(self.scene.objects):
             ann_token = _token(cfg, "sample_annotation", index, k, i)
-            ann_tokens[-1].append(ann_token)
-            tables["sample_annotation"].append(
+            self.ann_tokens[-1].append(ann_token)
+            self.tables["sample_annotation"].append(
                 {
                     "token": ann_token,
-                    "sample_token": sample_tokens[k],
+                    "sample_token": self.sample_tokens[k],
                     "instance_token": _token(cfg, "instance", index, i),
                     "visibility_token": str(int(level[i])),
                     "attribute_tokens": [_token(cfg, "attribute", a) for a in _attributes(obj.name, obj.moving)],
@@ -321,33 +358,45 @@ def generate_scene(cfg: TwinConfig, index: int, root: str) -> dict[str, list[dic
                     "num_radar_pts": 0,
                 }
             )
-    for records in channel_chain.values():
-        for a, b in zip(records[:-1], records[1:]):
-            a["next"], b["prev"] = b["token"], a["token"]
-        tables["sample_data"].extend(records)
-    for i, obj in enumerate(scene.objects):
-        tables["instance"].append(
+
+    def finish(self) -> dict[str, list[dict]]:
+        """Links each channel's sample_data, adds the instances and the scene; returns the tables."""
+        cfg, index, scene = self.cfg, self.index, self.scene
+        for records in self.channel_chain.values():
+            for a, b in zip(records[:-1], records[1:]):
+                a["next"], b["prev"] = b["token"], a["token"]
+            self.tables["sample_data"].extend(records)
+        for i, obj in enumerate(scene.objects):
+            self.tables["instance"].append(
+                {
+                    "token": _token(cfg, "instance", index, i),
+                    "category_token": _token(cfg, "category", obj.category),
+                    "nbr_annotations": cfg.samples_per_scene,
+                    "first_annotation_token": self.ann_tokens[0][i],
+                    "last_annotation_token": self.ann_tokens[-1][i],
+                }
+            )
+        self.tables["scene"].append(
             {
-                "token": _token(cfg, "instance", index, i),
-                "category_token": _token(cfg, "category", obj.category),
-                "nbr_annotations": cfg.samples_per_scene,
-                "first_annotation_token": ann_tokens[0][i],
-                "last_annotation_token": ann_tokens[-1][i],
+                "token": _token(cfg, "scene", index),
+                "log_token": self.tables["log"][0]["token"],
+                "nbr_samples": cfg.samples_per_scene,
+                "first_sample_token": self.sample_tokens[0],
+                "last_sample_token": self.sample_tokens[-1],
+                "name": self.name,
+                "description": f"synthetic, {'turning' if scene.path.curvature else 'straight'} road, "
+                f"ego at {scene.ego_speed:.1f} m/s, {len(scene.objects)} objects",
             }
         )
-    tables["scene"].append(
-        {
-            "token": _token(cfg, "scene", index),
-            "log_token": log_token,
-            "nbr_samples": cfg.samples_per_scene,
-            "first_sample_token": sample_tokens[0],
-            "last_sample_token": sample_tokens[-1],
-            "name": name,
-            "description": f"synthetic, {'turning' if scene.path.curvature else 'straight'} road, "
-            f"ego at {scene.ego_speed:.1f} m/s, {len(scene.objects)} objects",
-        }
-    )
-    return tables
+        return self.tables
+
+
+def generate_scene(cfg: TwinConfig, index: int, root: str) -> dict[str, list[dict]]:
+    """Generate one scene's files under root and return its table records."""
+    writer = _SceneWriter(cfg, index, root)
+    for k in range(cfg.samples_per_scene):
+        writer.key_frame(k)
+    return writer.finish()
 
 
 def _attributes(name: str, moving: bool) -> list[str]:
