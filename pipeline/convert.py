@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from pyquaternion import Quaternion
+from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
-from pipeline.settings import VERSIONS
+from pipeline.settings import SPLITS, VERSIONS
 
 CAMERA_TYPES = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
 NAME_MAPPING = {
@@ -67,13 +68,10 @@ def split_scenes(version: str) -> tuple[list[str], list[str]]:
     """Scene names of the (train, val) splits of a version; for v1.0-test, (test, [])."""
     from nuscenes.utils import splits
 
-    if version == "v1.0-trainval":
-        return splits.train, splits.val
-    if version == "v1.0-test":
-        return splits.test, []
-    if version == "v1.0-mini":
-        return splits.mini_train, splits.mini_val
-    raise ConvertError(f"convert.version: expected one of {VERSIONS}, got {version!r}")
+    if version not in SPLITS:
+        raise ConvertError(f"convert.version: expected one of {VERSIONS}, got {version!r}")
+    train, val = SPLITS[version]
+    return getattr(splits, train), (getattr(splits, val) if val else [])
 
 
 def load_tables(root: str | os.PathLike, version: str) -> dict[str, list[dict]]:
@@ -93,44 +91,9 @@ def load_tables(root: str | os.PathLike, version: str) -> dict[str, list[dict]]:
     return tables
 
 
-def _rotmats(quats: np.ndarray) -> np.ndarray:
-    """(n, 3, 3) rotation matrices of (n, 4) [w, x, y, z] quaternions (normalised first)."""
-    q = quats / np.linalg.norm(quats, axis=1, keepdims=True)
-    w, x, y, z = q.T
-    return np.stack(
-        [
-            np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
-            np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
-            np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
-        ],
-        1,
-    )
-
-
-def _quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Hamilton product of (..., 4) [w, x, y, z] quaternions."""
-    aw, ax, ay, az = np.moveaxis(a, -1, 0)
-    bw, bx, by, bz = np.moveaxis(b, -1, 0)
-    return np.stack(
-        [
-            aw * bw - ax * bx - ay * by - az * bz,
-            aw * bx + ax * bw + ay * bz - az * by,
-            aw * by - ax * bz + ay * bw + az * bx,
-            aw * bz + ax * by - ay * bx + az * bw,
-        ],
-        -1,
-    )
-
-
-def _yaw(q: np.ndarray) -> np.ndarray:
-    """Yaw of (n, 4) quaternions, pyquaternion's ``yaw_pitch_roll[0]`` formula (the reference's).
-
-    Note the sign of ``x * y``: pyquaternion's yaw is not the z-y-x Euler yaw of a tilted
-    rotation (1.4e-3 rad apart at 3 degrees of pitch and roll, tests/test_convert.py's variant); on level poses
-    they agree."""
-    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
-    w, x, y, z = np.moveaxis(q, -1, 0)
-    return np.arctan2(2 * (w * z - x * y), 1 - 2 * (y * y + z * z))
+def _rotation(wxyz: Any) -> Rotation:
+    """A scipy Rotation of nuScenes [w, x, y, z] quaternions ((4,) or (n, 4); scipy wants x, y, z, w)."""
+    return Rotation.from_quat(np.roll(np.asarray(wxyz, dtype=np.float64), -1, axis=-1))
 
 
 def _relative_to(path: str, cwd: str) -> str:
@@ -138,10 +101,57 @@ def _relative_to(path: str, cwd: str) -> str:
     return path.split(f"{cwd}/")[-1] if cwd in path else path
 
 
-def _sensor_to_lidar(
-    cs: dict, pose: dict, l2e_r: np.ndarray, l2e_t: np.ndarray, e2g_r: np.ndarray, e2g_t: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+class _Lookup:
+    """The tables indexed for what the converter asks, as the devkit's NuScenes object indexes them."""
+
+    def __init__(self, tables: dict[str, list[dict]]):
+        self.by_token = {name: {r["token"]: r for r in tables[name]} for name in TABLES}
+        channel_of_cs = {
+            cs["token"]: self.by_token["sensor"][cs["sensor_token"]]["channel"] for cs in tables["calibrated_sensor"]
+        }
+        # Key-frame sample_data of each sample and channel (what the devkit's sample["data"] holds).
+        self.key_frames: dict[str, dict[str, str]] = {}
+        for sd in tables["sample_data"]:
+            if sd["is_key_frame"]:
+                channel = channel_of_cs[sd["calibrated_sensor_token"]]
+                self.key_frames.setdefault(sd["sample_token"], {})[channel] = sd["token"]
+        self.anns_of_sample: dict[str, list[dict]] = {}
+        for ann in tables["sample_annotation"]:
+            self.anns_of_sample.setdefault(ann["sample_token"], []).append(ann)
+        self.instance_index = {r["token"]: i for i, r in enumerate(tables["instance"])}
+        category = self.by_token["category"]
+        self.category_of_instance = {r["token"]: category[r["category_token"]]["name"] for r in tables["instance"]}
+        self.sample_time = {s["token"]: s["timestamp"] for s in tables["sample"]}
+
+    def sensor_records(self, sd: dict) -> tuple[dict, dict]:
+        """The calibrated_sensor and ego_pose records of a sample_data."""
+        return (
+            self.by_token["calibrated_sensor"][sd["calibrated_sensor_token"]],
+            self.by_token["ego_pose"][sd["ego_pose_token"]],
+        )
+
+
+class _LidarFrame(NamedTuple):
+    """A key frame's LiDAR -> ego and ego -> global rotations (3, 3) and translations (3,)."""
+
+    l2e_r: np.ndarray
+    l2e_t: np.ndarray
+    e2g_r: np.ndarray
+    e2g_t: np.ndarray
+
+
+def _lidar_frame(lidar_cs: dict, lidar_pose: dict) -> _LidarFrame:
+    return _LidarFrame(
+        Quaternion(lidar_cs["rotation"]).rotation_matrix,
+        np.asarray(lidar_cs["translation"], dtype=np.float64),
+        Quaternion(lidar_pose["rotation"]).rotation_matrix,
+        np.asarray(lidar_pose["translation"], dtype=np.float64),
+    )
+
+
+def _sensor_to_lidar(cs: dict, pose: dict, frame: _LidarFrame) -> tuple[np.ndarray, np.ndarray]:
     """Rotation (3, 3) and translation (3,) such that points_lidar = points_sensor @ R.T + T."""
+    l2e_r, l2e_t, e2g_r, e2g_t = frame
     s2e_r = Quaternion(cs["rotation"]).rotation_matrix
     e2g_r_s = Quaternion(pose["rotation"]).rotation_matrix
     # sensor -> ego(t_s) -> global -> ego(t_key) -> lidar
@@ -150,6 +160,74 @@ def _sensor_to_lidar(
         e2g_r.T @ (e2g_r_s @ np.asarray(cs["translation"]) + np.asarray(pose["translation"]) - e2g_t) - l2e_t
     )
     return r, t
+
+
+def _sensor_info(lookup: _Lookup, sd: dict, sensor_type: str, frame: _LidarFrame, root: str, cwd: str) -> dict:
+    """A camera's or sweep's info entry: its file, calibration, pose and transform to the key frame's LiDAR."""
+    cs, pose = lookup.sensor_records(sd)
+    r, t = _sensor_to_lidar(cs, pose, frame)
+    return {
+        "data_path": _relative_to(os.path.join(root, sd["filename"]), cwd),
+        "type": sensor_type,
+        "sample_data_token": sd["token"],
+        "sensor2ego_translation": cs["translation"],
+        "sensor2ego_rotation": cs["rotation"],
+        "ego2global_translation": pose["translation"],
+        "ego2global_rotation": pose["rotation"],
+        "timestamp": sd["timestamp"],
+        "sensor2lidar_rotation": r,
+        "sensor2lidar_translation": t,
+    }
+
+
+def _sample_info(
+    lookup: _Lookup, sample: dict, root: str, version: str, cwd: str, max_sweeps: int, annotated: bool
+) -> dict[str, Any]:
+    """One key frame's info: LiDAR path and pose, the six cameras, up to `max_sweeps` earlier
+    sweeps and, for an annotated version, its boxes in the LiDAR frame."""
+    data = lookup.key_frames.get(sample["token"], {})
+    if "LIDAR_TOP" not in data or any(c not in data for c in CAMERA_TYPES):
+        raise ConvertError(
+            f"{Path(root) / version}/sample_data.json: sample {sample['token']} lacks LIDAR_TOP or a camera key frame"
+        )
+    sd_by_token = lookup.by_token["sample_data"]
+    lidar_sd = sd_by_token[data["LIDAR_TOP"]]
+    lidar_cs, lidar_pose = lookup.sensor_records(lidar_sd)
+    frame = _lidar_frame(lidar_cs, lidar_pose)
+    info: dict[str, Any] = {
+        "lidar_path": os.path.join(root, lidar_sd["filename"]),
+        "token": sample["token"],
+        "sweeps": [],
+        "cams": {},
+        "lidar2ego_translation": lidar_cs["translation"],
+        "lidar2ego_rotation": lidar_cs["rotation"],
+        "ego2global_translation": lidar_pose["translation"],
+        "ego2global_rotation": lidar_pose["rotation"],
+        "timestamp": sample["timestamp"],
+    }
+    for cam in CAMERA_TYPES:
+        sd = sd_by_token[data[cam]]
+        info["cams"][cam] = _sensor_info(lookup, sd, cam, frame, root, cwd)
+        info["cams"][cam]["cam_intrinsic"] = np.array(lookup.sensor_records(sd)[0]["camera_intrinsic"])
+    sd = lidar_sd
+    while len(info["sweeps"]) < max_sweeps and sd["prev"]:
+        sd = sd_by_token[sd["prev"]]
+        info["sweeps"].append(_sensor_info(lookup, sd, "lidar", frame, root, cwd))
+    if annotated:
+        anns = lookup.anns_of_sample.get(sample["token"], [])
+        info.update(
+            _annotations(anns, lookup.by_token["sample_annotation"], lookup.sample_time, frame, lidar_cs, lidar_pose)
+        )
+        categories = [lookup.category_of_instance[a["instance_token"]] for a in anns]
+        info["gt_names"] = np.array([NAME_MAPPING.get(c, c) for c in categories])
+        info["instance_inds"] = np.array([lookup.instance_index[a["instance_token"]] for a in anns])
+    return info
+
+
+def _missing_files(info: dict) -> list[str]:
+    """The info's LiDAR file and camera images that are not on disk."""
+    paths = [info["lidar_path"]] + [info["cams"][cam]["data_path"] for cam in CAMERA_TYPES]
+    return [p for p in paths if not os.path.isfile(p)]
 
 
 def convert(
@@ -162,37 +240,8 @@ def convert(
     """
     tables = load_tables(root, version)
     root, cwd = str(root), os.getcwd()
-    by_token = {
-        name: {r["token"]: r for r in tables[name]}
-        for name in (
-            "calibrated_sensor",
-            "ego_pose",
-            "sample_data",
-            "sample_annotation",
-            "instance",
-            "category",
-            "sensor",
-            "scene",
-            "sample",
-        )
-    }
-    sd_by_token = by_token["sample_data"]
-    channel_of_cs = {
-        cs["token"]: by_token["sensor"][cs["sensor_token"]]["channel"] for cs in tables["calibrated_sensor"]
-    }
-    # Key-frame sample_data of each sample and channel (what the devkit's sample["data"] holds).
-    sample_data: dict[str, dict[str, str]] = {}
-    for sd in tables["sample_data"]:
-        if sd["is_key_frame"]:
-            sample_data.setdefault(sd["sample_token"], {})[channel_of_cs[sd["calibrated_sensor_token"]]] = sd["token"]
-    anns_of_sample: dict[str, list[dict]] = {}
-    for ann in tables["sample_annotation"]:
-        anns_of_sample.setdefault(ann["sample_token"], []).append(ann)
-    instance_index = {r["token"]: i for i, r in enumerate(tables["instance"])}
-    category_of_instance = {r["token"]: by_token["category"][r["category_token"]]["name"] for r in tables["instance"]}
-    sample_time = {s["token"]: s["timestamp"] for s in tables["sample"]}
-
-    train_names, val_names = split_scenes(version)
+    lookup = _Lookup(tables)
+    train_names, _ = split_scenes(version)
     scene_by_name = {s["name"]: s["token"] for s in tables["scene"]}
     train_scenes = {scene_by_name[n] for n in train_names if n in scene_by_name}
     test = version == "v1.0-test"
@@ -202,82 +251,9 @@ def convert(
     for sample in tqdm(tables["sample"], desc=f"convert {version}", unit="sample"):
         if test and sample["scene_token"] not in train_scenes:
             continue  # the reference files it under "val", which it does not write for v1.0-test
-        data = sample_data.get(sample["token"], {})
-        if "LIDAR_TOP" not in data or any(c not in data for c in CAMERA_TYPES):
-            raise ConvertError(
-                f"{Path(root) / version}/sample_data.json: sample {sample['token']} lacks LIDAR_TOP or a camera key frame"
-            )
-        lidar_sd = sd_by_token[data["LIDAR_TOP"]]
-        lidar_cs = by_token["calibrated_sensor"][lidar_sd["calibrated_sensor_token"]]
-        lidar_pose = by_token["ego_pose"][lidar_sd["ego_pose_token"]]
-        l2e_r = Quaternion(lidar_cs["rotation"]).rotation_matrix
-        l2e_t = np.asarray(lidar_cs["translation"], dtype=np.float64)
-        e2g_r = Quaternion(lidar_pose["rotation"]).rotation_matrix
-        e2g_t = np.asarray(lidar_pose["translation"], dtype=np.float64)
-        lidar_path = os.path.join(root, lidar_sd["filename"])
-        info: dict[str, Any] = {
-            "lidar_path": lidar_path,
-            "token": sample["token"],
-            "sweeps": [],
-            "cams": {},
-            "lidar2ego_translation": lidar_cs["translation"],
-            "lidar2ego_rotation": lidar_cs["rotation"],
-            "ego2global_translation": lidar_pose["translation"],
-            "ego2global_rotation": lidar_pose["rotation"],
-            "timestamp": sample["timestamp"],
-        }
-
-        frame = (l2e_r, l2e_t, e2g_r, e2g_t)
-
-        def sensor_info(sd: dict, sensor_type: str, frame: tuple = frame) -> dict[str, Any]:
-            cs = by_token["calibrated_sensor"][sd["calibrated_sensor_token"]]
-            pose = by_token["ego_pose"][sd["ego_pose_token"]]
-            r, t = _sensor_to_lidar(cs, pose, *frame)
-            return {
-                "data_path": _relative_to(os.path.join(root, sd["filename"]), cwd),
-                "type": sensor_type,
-                "sample_data_token": sd["token"],
-                "sensor2ego_translation": cs["translation"],
-                "sensor2ego_rotation": cs["rotation"],
-                "ego2global_translation": pose["translation"],
-                "ego2global_rotation": pose["rotation"],
-                "timestamp": sd["timestamp"],
-                "sensor2lidar_rotation": r,
-                "sensor2lidar_translation": t,
-            }
-
-        if check_files and not os.path.isfile(lidar_path):
-            missing.append(lidar_path)
-        for cam in CAMERA_TYPES:
-            sd = sd_by_token[data[cam]]
-            cam_info = sensor_info(sd, cam)
-            cam_info["cam_intrinsic"] = np.array(
-                by_token["calibrated_sensor"][sd["calibrated_sensor_token"]]["camera_intrinsic"]
-            )
-            if check_files and not os.path.isfile(cam_info["data_path"]):
-                missing.append(cam_info["data_path"])
-            info["cams"][cam] = cam_info
-        sd = lidar_sd
-        while len(info["sweeps"]) < max_sweeps and sd["prev"]:
-            sd = sd_by_token[sd["prev"]]
-            info["sweeps"].append(sensor_info(sd, "lidar"))
-
-        if not test:
-            anns = anns_of_sample.get(sample["token"], [])
-            info.update(
-                _annotations(
-                    anns, by_token["sample_annotation"], sample_time, l2e_r, l2e_t, e2g_r, e2g_t, lidar_cs, lidar_pose
-                )
-            )
-            info["gt_names"] = np.array(
-                [
-                    NAME_MAPPING.get(
-                        category_of_instance[a["instance_token"]], category_of_instance[a["instance_token"]]
-                    )
-                    for a in anns
-                ]
-            )
-            info["instance_inds"] = np.array([instance_index[a["instance_token"]] for a in anns])
+        info = _sample_info(lookup, sample, root, version, cwd, max_sweeps, annotated=not test)
+        if check_files:
+            missing.extend(_missing_files(info))
         # As the reference: every sample outside the train scenes is a val sample.
         out["train" if sample["scene_token"] in train_scenes else "val"].append(info)
         if len(missing) >= 20:
@@ -295,10 +271,7 @@ def _annotations(
     anns: list[dict],
     ann_by_token: dict[str, dict],
     sample_time: dict[str, int],
-    l2e_r: np.ndarray,
-    l2e_t: np.ndarray,
-    e2g_r: np.ndarray,
-    e2g_t: np.ndarray,
+    frame: _LidarFrame,
     lidar_cs: dict,
     lidar_pose: dict,
 ) -> dict[str, np.ndarray]:
@@ -315,13 +288,13 @@ def _annotations(
     centre = np.array([a["translation"] for a in anns], dtype=np.float64)
     wlh = np.array([a["size"] for a in anns], dtype=np.float64)
     rot = np.array([a["rotation"] for a in anns], dtype=np.float64)
+    l2e_r, l2e_t, e2g_r, e2g_t = frame
     # global -> ego -> lidar, as the devkit's get_sample_data moves boxes.
     centre_lidar = ((centre - e2g_t) @ e2g_r - l2e_t) @ l2e_r
-    q_inv = _quat_mul(
-        np.array(Quaternion(lidar_cs["rotation"]).inverse.elements),
-        _quat_mul(np.array(Quaternion(lidar_pose["rotation"]).inverse.elements), rot),
-    )
-    yaw = _yaw(q_inv)
+    global_to_lidar = _rotation(lidar_cs["rotation"]).inv() * _rotation(lidar_pose["rotation"]).inv()
+    # pyquaternion's yaw_pitch_roll[0] (the reference's yaw) is the last intrinsic x-y-z Euler angle,
+    # not the z-y-x yaw: they differ on tilted poses (tests/test_convert.py's variant).
+    yaw = (global_to_lidar * _rotation(rot)).as_euler("XYZ")[:, 2]
     # Velocity as the devkit's box_velocity: centred difference over prev/next annotations.
     velocity = np.full((n, 3), np.nan)
     for i, a in enumerate(anns):
