@@ -12,7 +12,8 @@ import numpy as np
 
 from pipeline.anchors import AnchorError, kmeans_anchors
 from pipeline.cli import run_stage, stage_parser
-from pipeline.params import load_params, write_bytes_atomic, write_json_atomic
+from pipeline.files import write_bytes_atomic, write_json_atomic
+from pipeline.params import load_params
 
 
 def run(args: argparse.Namespace) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from pipeline.cli import run_stage, stage_parser
 from pipeline.download import DownloadError, fetch
-from pipeline.params import load_params, write_json_atomic
+from pipeline.files import write_json_atomic
+from pipeline.params import load_params
 
 
 def run(args: argparse.Namespace) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from pipeline.cli import run_stage, stage_parser
 from pipeline.convert import ConvertError, convert, summarize
-from pipeline.params import load_params, write_bytes_atomic, write_json_atomic
+from pipeline.files import write_bytes_atomic, write_json_atomic
+from pipeline.params import load_params
 
 
 def run(args: argparse.Namespace) -> None:

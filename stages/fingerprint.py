@@ -10,8 +10,9 @@ import sys
 import time
 
 from pipeline.cli import run_stage, stage_parser
+from pipeline.files import write_json_atomic
 from pipeline.fingerprint import FingerprintError, dataset_fingerprint
-from pipeline.params import load_params, write_json_atomic
+from pipeline.params import load_params
 
 
 def run(args: argparse.Namespace) -> None:

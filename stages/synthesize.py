@@ -7,7 +7,8 @@ import sys
 import time
 
 from pipeline.cli import run_stage, stage_parser
-from pipeline.params import ParamsError, load_params, write_json_atomic
+from pipeline.files import write_json_atomic
+from pipeline.params import ParamsError, load_params
 from pipeline.twin.writer import TwinConfig, TwinConfigError, write_twin
 
 
