@@ -319,42 +319,10 @@ class Sparse4DHead(nn.Module):
         """Per decoder: focal class loss and box losses of the matched instances, then the same
         for the denoising queries (their targets are known)."""
         output = {}
-        num_reg = len(self.reg_weights)
-        reg_weights_t = None
         for idx, (cls, reg, qt) in enumerate(
             zip(model_outs["classification"], model_outs["prediction"], model_outs["quality"])
         ):
-            cls, reg = as_fp32(cls), as_fp32(reg[..., :num_reg])
-            cls_target, reg_target, reg_weights = self.target_assigner.sample(
-                cls, reg, data["gt_labels_3d"], data["gt_bboxes_3d"]
-            )
-            reg_target = reg_target[..., :num_reg]
-            mask = ~torch.all(reg_target == 0, dim=-1)
-            num_pos = max(float(reduce_mean(mask.sum().to(reg.dtype))), 1.0)
-            if self.cls_threshold_to_reg > 0:
-                mask = mask & (cls.max(dim=-1).values.sigmoid() > self.cls_threshold_to_reg)
-            cls_loss = self.loss_cls(cls.flatten(end_dim=1), cls_target.flatten(end_dim=1), avg_factor=num_pos)
-            mask = mask.reshape(-1)
-            reg_weights_t = reg.new_tensor(self.reg_weights)
-            reg_weights = (reg_weights * reg_weights_t).flatten(end_dim=1)[mask]
-            reg_target = reg_target.flatten(end_dim=1)[mask]
-            reg = reg.flatten(end_dim=1)[mask]
-            reg_target = torch.where(reg_target.isnan(), reg.new_tensor(0.0), reg_target)
-            cls_target = cls_target.flatten(end_dim=1)[mask]
-            if qt is not None:
-                qt = qt.flatten(end_dim=1)[mask]
-            output[f"loss_cls_{idx}"] = cls_loss
-            output.update(
-                self.loss_reg(
-                    reg,
-                    reg_target,
-                    weight=reg_weights,
-                    avg_factor=num_pos,
-                    suffix=f"_{idx}",
-                    quality=qt,
-                    cls_target=cls_target,
-                )
-            )
+            output.update(self._matched_loss(idx, cls, reg, qt, data))
         if "dn_prediction" not in model_outs:
             return output
         dn = self._prepare_dn(model_outs)
@@ -365,13 +333,54 @@ class Sparse4DHead(nn.Module):
             output[f"loss_cls_dn_{idx}"] = self.loss_cls(
                 as_fp32(cls).flatten(end_dim=1)[valid], cls_target, avg_factor=num_dn_pos
             )
-            pred = as_fp32(reg).flatten(end_dim=1)[valid][pos][..., :num_reg]
+            pred = as_fp32(reg).flatten(end_dim=1)[valid][pos][..., : len(self.reg_weights)]
             output.update(
                 self.loss_reg(pred, reg_target, weight=reg_weights, avg_factor=num_dn_pos, suffix=f"_dn_{idx}")
             )
         return output
 
+    def _matched_loss(self, idx: int, cls, reg, qt, data: dict) -> dict[str, torch.Tensor]:
+        """Decoder idx's losses: (bs, n, num_cls) logits against the matched classes (background
+        elsewhere); (bs, n, 11) boxes and (bs, n, 2) quality of the matched instances the decoder
+        is confident enough about (cls_threshold_to_reg), all over the number of matches."""
+        num_reg = len(self.reg_weights)
+        cls, reg = as_fp32(cls), as_fp32(reg[..., :num_reg])
+        cls_target, reg_target, reg_weights = self.target_assigner.sample(
+            cls, reg, data["gt_labels_3d"], data["gt_bboxes_3d"]
+        )
+        reg_target = reg_target[..., :num_reg]
+        mask = ~torch.all(reg_target == 0, dim=-1)
+        num_pos = max(float(reduce_mean(mask.sum().to(reg.dtype))), 1.0)
+        if self.cls_threshold_to_reg > 0:
+            mask = mask & (cls.max(dim=-1).values.sigmoid() > self.cls_threshold_to_reg)
+        output = {
+            f"loss_cls_{idx}": self.loss_cls(cls.flatten(end_dim=1), cls_target.flatten(end_dim=1), avg_factor=num_pos)
+        }
+        mask = mask.reshape(-1)
+        reg_weights = (reg_weights * reg.new_tensor(self.reg_weights)).flatten(end_dim=1)[mask]
+        reg_target = reg_target.flatten(end_dim=1)[mask]
+        reg = reg.flatten(end_dim=1)[mask]
+        reg_target = torch.where(reg_target.isnan(), reg.new_tensor(0.0), reg_target)
+        cls_target = cls_target.flatten(end_dim=1)[mask]
+        if qt is not None:
+            qt = qt.flatten(end_dim=1)[mask]
+        output.update(
+            self.loss_reg(
+                reg,
+                reg_target,
+                weight=reg_weights,
+                avg_factor=num_pos,
+                suffix=f"_{idx}",
+                quality=qt,
+                cls_target=cls_target,
+            )
+        )
+        return output
+
     def _prepare_dn(self, model_outs: dict, prefix: str = ""):
+        """Targets of the (`prefix` "temp_": temporally swapped) denoising queries: the valid mask
+        (bs*num_dn,), the valid queries' classes (v,), box targets (p, 10) and weights of the
+        positive ones, the positive mask (v,), and the valid count (mean over ranks, at least 1)."""
         valid = model_outs[f"{prefix}dn_valid_mask"].flatten(end_dim=1)
         cls_target = model_outs[f"{prefix}dn_cls_target"].flatten(end_dim=1)[valid]
         reg_target = as_fp32(model_outs[f"{prefix}dn_reg_target"]).flatten(end_dim=1)[valid][
