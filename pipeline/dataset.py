@@ -139,7 +139,8 @@ def depth_maps(
 # --------------------------------------------------------------------------------------- images
 
 
-_REDUCED_READ = {
+# OpenCV's decode flags for a JPEG at full, 1/2, 1/4 and 1/8 scale (the DCT scaling of libjpeg).
+REDUCED_READ = {
     1: cv2.IMREAD_COLOR,
     2: cv2.IMREAD_REDUCED_COLOR_2,
     4: cv2.IMREAD_REDUCED_COLOR_4,
@@ -168,7 +169,7 @@ def load_image_fast(path: str, aug: dict, out_wh: tuple[int, int], size_wh: tupl
     step = 1
     while step < 8 and resize * step * 2 <= 1.0:
         step *= 2
-    pixels = cv2.imread(path, _REDUCED_READ[step])
+    pixels = cv2.imread(path, REDUCED_READ[step])
     if pixels is None:
         raise DatasetError(f"{path}: cannot read the image (missing, truncated or not an image)")
     if pixels.shape[:2] != (math.ceil(height / step), math.ceil(width / step)):

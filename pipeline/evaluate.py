@@ -163,6 +163,15 @@ def sequence_chunks(flags: np.ndarray, world_size: int) -> list[list[int]]:
     return chunks
 
 
+def gather_results(results: dict[int, dict], world_size: int) -> dict[int, dict]:
+    """Every process's index -> result, merged (on every process); as given with one process."""
+    if world_size == 1:
+        return results
+    gathered: list = [None] * world_size
+    torch.distributed.all_gather_object(gathered, results)
+    return {k: v for part in gathered for k, v in part.items()}
+
+
 @torch.no_grad()
 def infer(
     model: torch.nn.Module,
@@ -389,10 +398,7 @@ def validate(
     from pipeline.dataset import collate
 
     results = infer(model, dataset, sequence_chunks(dataset.flag, world_size)[rank], device, collate, False)
-    if world_size > 1:
-        gathered: list = [None] * world_size
-        torch.distributed.all_gather_object(gathered, results)
-        results = {k: v for part in gathered for k, v in part.items()}
+    results = gather_results(results, world_size)
     if rank != 0:
         return None
     folder = tempfile.mkdtemp(prefix="sparse4d-val-")
@@ -521,39 +527,70 @@ def write_results(path: str, sub: dict) -> None:
     write_bytes_atomic(path, json.dumps(sub).encode())
 
 
-def evaluate(params: dict, infos_path: str, checkpoint: str, out_dir: str, metrics_path: str, plots_dir: str) -> dict:
-    """The evaluate stage: checkpoint -> detection and tracking results json -> metrics, pictures.
-    A version without an annotated split (v1.0-test) gets the two submissions and no metrics."""
+def load_checkpoint(path: str, infos_path: str, version: str) -> dict:
+    """The checkpoint to score, after checking that it and the val infos (of `version`) exist."""
     import pickle
 
-    from model import build_model
-    from pipeline.dataset import Sparse4DDataset, collate
-    from pipeline.devices import amp_dtype, init_distributed, resolve_device
-
-    ep, mp, dp, cp = params["evaluate"], params["model"], params["data"], params["convert"]
-    ckpt_path = str(checkpoint)  # exactly the checkpoint given (the stage: --checkpoint or evaluate.checkpoint)
-    if not Path(ckpt_path).is_file():
-        raise EvaluateError(f"{ckpt_path}: checkpoint not found (train first, or set evaluate.checkpoint)")
+    if not Path(path).is_file():
+        raise EvaluateError(f"{path}: checkpoint not found (train first, or set evaluate.checkpoint)")
     if not Path(infos_path).is_file():
         raise EvaluateError(f"{infos_path}: info pkl not found (run the convert stage)")
     with open(infos_path, "rb") as f:
         meta = pickle.load(f)["metadata"]
-    if meta.get("version") != cp["version"]:
-        raise EvaluateError(
-            f"{infos_path} was converted from {meta.get('version')}, but convert.version is {cp['version']}"
-        )
-    dist = init_distributed(resolve_device(str(ep["device"])))
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if meta.get("version") != version:
+        raise EvaluateError(f"{infos_path} was converted from {meta.get('version')}, but convert.version is {version}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def eval_model(ckpt: dict, model_params: dict, precision: str, device: torch.device) -> torch.nn.Module:
+    """The checkpoint's model on `device`, its image features in the evaluation precision
+    (`auto`: fp16 on NPU and CUDA as the reference's test script, fp32 on CPU)."""
+    from model import build_model
+    from pipeline.devices import amp_dtype
+
     state = ckpt.get("state_dict", ckpt)
     anchor = state["head.instance_bank.anchor"].numpy()
-    model = build_model(dict(mp), anchor).to(dist.device)
+    model = build_model(dict(model_params), anchor).to(device)
     model.load_state_dict(state, strict=True)
-    precision = str(ep["precision"])
     if precision == "auto":
-        precision = "fp16" if dist.device.type in ("cuda", "npu") else "fp32"
-    model.set_mixed_precision(amp_dtype(dist.device, precision))
-    if dist.device.type == "cpu":
+        precision = "fp16" if device.type in ("cuda", "npu") else "fp32"
+    model.set_mixed_precision(amp_dtype(device, precision))
+    if device.type == "cpu":
         model.use_channels_last()
+    return model
+
+
+def score(result_path: str, track_path: str, cp: dict, out: Path, plots_dir: str, metrics: dict) -> list[str]:
+    """Official detection and tracking metrics of the two submissions into `metrics`, the
+    per-class chart and tables; returns log lines."""
+    summary = nuscenes_eval(result_path, cp["data_root"], cp["version"], str(out / "nuscenes_eval"), plots_dir)
+    metrics.update(flat_metrics(summary))
+    track_summary = tracking_eval(track_path, cp["data_root"], cp["version"], str(out / "nuscenes_tracking_eval"))
+    metrics.update(flat_tracking_metrics(track_summary))
+    log = [
+        f"detection evaluation: {summary['eval_time_s']:.1f} s",
+        f"tracking evaluation: {track_summary['eval_time_s']:.1f} s",
+    ]
+    undefined = [k for k in ("AMOTA", "AMOTP", "MOTA", "RECALL", "IDS", "FRAG") if k not in metrics]
+    if undefined:
+        log.append(f"tracking metrics the devkit leaves undefined (no track reached a recall threshold): {undefined}")
+    per_class_chart(metrics["per_class_AP"], metrics["per_class_AMOTA"], os.path.join(plots_dir, "per_class_ap.png"))
+    # the same numbers as data, in the cached output (dvc plots diff compares them across runs)
+    per_class_table(metrics["per_class_AP"], metrics["per_class_AMOTA"], str(out))
+    return log
+
+
+def evaluate(params: dict, infos_path: str, checkpoint: str, out_dir: str, metrics_path: str, plots_dir: str) -> dict:
+    """The evaluate stage: checkpoint -> detection and tracking results json -> metrics, pictures.
+    A version without an annotated split (v1.0-test) gets the two submissions and no metrics."""
+    from pipeline.dataset import Sparse4DDataset, collate
+    from pipeline.devices import init_distributed, resolve_device
+
+    ep, mp, dp, cp = params["evaluate"], params["model"], params["data"], params["convert"]
+    ckpt_path = str(checkpoint)  # exactly the checkpoint given (the stage: --checkpoint or evaluate.checkpoint)
+    ckpt = load_checkpoint(ckpt_path, infos_path, cp["version"])
+    dist = init_distributed(resolve_device(str(ep["device"])))
+    model = eval_model(ckpt, mp, str(ep["precision"]), dist.device)
     # the fast image path only for a checkpoint trained on it here (data.fast_images); any other, e.g. the
     # released weights, is evaluated on the reference's exact images
     fast_images = bool(dp["fast_images"]) and bool(ckpt.get("fast_images", False))
@@ -570,40 +607,21 @@ def evaluate(params: dict, infos_path: str, checkpoint: str, out_dir: str, metri
     chunks = sequence_chunks(dataset.flag, dist.world_size)
     start = time.perf_counter()
     results = infer(model, dataset, chunks[dist.rank], dist.device, collate, show_progress=dist.main)
-    if dist.world_size > 1:
-        gathered: list = [None] * dist.world_size
-        torch.distributed.all_gather_object(gathered, results)
-        results = {k: v for part in gathered for k, v in part.items()}
+    results = gather_results(results, dist.world_size)
     if not dist.main:
         return {}
     inference_s = time.perf_counter() - start
     infos, classes = dataset.data_infos, list(mp["classes"])
     out = Path(out_dir)
-    sub = submission(results, infos, classes)
     result_path = str(out / "results_nusc.json")
-    write_results(result_path, sub)
+    write_results(result_path, submission(results, infos, classes))
     track_sub = tracking_submission(results, infos, classes, float(ep["tracking_threshold"]))
     track_path = str(out / "results_nusc_tracking.json")
     write_results(track_path, track_sub)
     metrics: dict[str, Any] = {"frames": len(results)}
     log = [f"inference over {len(results)} frames: {inference_s:.1f} s"]
     if cp["version"] in EVAL_SETS:
-        summary = nuscenes_eval(result_path, cp["data_root"], cp["version"], str(out / "nuscenes_eval"), plots_dir)
-        metrics.update(flat_metrics(summary))
-        track_summary = tracking_eval(track_path, cp["data_root"], cp["version"], str(out / "nuscenes_tracking_eval"))
-        metrics.update(flat_tracking_metrics(track_summary))
-        log.append(f"detection evaluation: {summary['eval_time_s']:.1f} s")
-        log.append(f"tracking evaluation: {track_summary['eval_time_s']:.1f} s")
-        undefined = [k for k in ("AMOTA", "AMOTP", "MOTA", "RECALL", "IDS", "FRAG") if k not in metrics]
-        if undefined:
-            log.append(
-                f"tracking metrics the devkit leaves undefined (no track reached a recall threshold): {undefined}"
-            )
-        per_class_chart(
-            metrics["per_class_AP"], metrics["per_class_AMOTA"], os.path.join(plots_dir, "per_class_ap.png")
-        )
-        # the same numbers as data, in the cached output (dvc plots diff compares them across runs)
-        per_class_table(metrics["per_class_AP"], metrics["per_class_AMOTA"], str(out))
+        log += score(result_path, track_path, cp, out, plots_dir, metrics)
     else:
         log.append(
             f"convert.version {cp['version']} has no annotated val split: detection and tracking were not "

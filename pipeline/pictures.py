@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 from pyquaternion import Quaternion
 
+from pipeline.dataset import REDUCED_READ
 from pipeline.files import write_bytes_atomic
 
 CAMERA_GRID = (
@@ -38,6 +39,21 @@ PALETTE = [
 EDGES = ((0, 1), (1, 2), (2, 3), (3, 0), (4, 5), (5, 6), (6, 7), (7, 4), (0, 4), (1, 5), (2, 6), (3, 7))
 FRONT_CROSS = ((0, 2), (1, 3))
 TILE_WIDTH = 640  # pixels per camera in the mosaic
+PIXELS_PER_LINE_WIDTH = 640  # predicted boxes get 1 px of line per this many decoded image pixels
+MIN_DEPTH = 0.5  # m: a box with a corner nearer to (or behind) the camera is not drawn
+OFF_IMAGE = 2.0  # a box is drawn while a corner lies within this many image sizes off the image
+LABEL_FONT, LABEL_SCALE = cv2.FONT_HERSHEY_SIMPLEX, 0.4  # "#id class score" labels
+LABEL_PLATE = (20, 20, 20)  # the dark plate under a label
+LABEL_PAD = 2  # pixels around a label's text
+LABEL_LIFT = 3  # pixels between a box's top corner and its label
+CAMERA_NAME_SCALE, CAMERA_NAME_RGB, CAMERA_NAME_AT = 0.5, (240, 240, 240), (4, 16)
+GAP = 4  # pixels between the camera rows, and between the cameras and the bird's-eye view
+HEADER_HEIGHT, HEADER_GREY, HEADER_RGB, HEADER_TEXT_AT, HEADER_SCALE = 26, 30, (235, 235, 235), (6, 18), 0.5
+BEV_EXTENT = 55.0  # m from the ego car to the bird's-eye view's edges
+BEV_RINGS = (20, 40)  # m, dotted distance rings
+EGO_FOOTPRINT = (1.9, 4.6)  # m, the ego car's width and length in the bird's-eye view
+GT_LINE, PRED_LINE = 0.9, 1.4  # bird's-eye line widths (points)
+DPI = 100  # matplotlib dots per inch for the bird's-eye view
 
 
 def color_of(key: int) -> tuple[int, int, int]:
@@ -76,21 +92,15 @@ def to_frame(boxes: np.ndarray, rotation: Sequence[float], translation: Sequence
     return out
 
 
-def _label(img: np.ndarray, text: str, org: tuple[int, int], rgb: tuple[int, int, int], scale: float = 0.4) -> None:
+def _label(
+    img: np.ndarray, text: str, org: tuple[int, int], rgb: tuple[int, int, int], scale: float = LABEL_SCALE
+) -> None:
     """Text on a dark plate, kept inside the image."""
-    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
-    x = int(np.clip(org[0], 0, max(0, img.shape[1] - tw - 2)))
-    y = int(np.clip(org[1], th + 2, img.shape[0] - base))
-    cv2.rectangle(img, (x, y - th - 2), (x + tw + 2, y + base), (20, 20, 20), -1)
-    cv2.putText(img, text, (x + 1, y), cv2.FONT_HERSHEY_SIMPLEX, scale, rgb, 1, cv2.LINE_AA)
-
-
-REDUCED_READ = {
-    1: cv2.IMREAD_COLOR,
-    2: cv2.IMREAD_REDUCED_COLOR_2,
-    4: cv2.IMREAD_REDUCED_COLOR_4,
-    8: cv2.IMREAD_REDUCED_COLOR_8,
-}
+    (tw, th), base = cv2.getTextSize(text, LABEL_FONT, scale, 1)
+    x = int(np.clip(org[0], 0, max(0, img.shape[1] - tw - LABEL_PAD)))
+    y = int(np.clip(org[1], th + LABEL_PAD, img.shape[0] - base))
+    cv2.rectangle(img, (x, y - th - LABEL_PAD), (x + tw + LABEL_PAD, y + base), LABEL_PLATE, -1)
+    cv2.putText(img, text, (x + LABEL_PAD // 2, y), LABEL_FONT, scale, rgb, 1, cv2.LINE_AA)
 
 
 def read_reduced(path: str, width: int) -> tuple[np.ndarray, float]:
@@ -110,6 +120,32 @@ def read_reduced(path: str, width: int) -> tuple[np.ndarray, float]:
     return np.ascontiguousarray(img[..., ::-1]), img.shape[1] / full_width
 
 
+def project_boxes(
+    boxes: np.ndarray, cam: dict, intrinsic: np.ndarray, image_hw: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n, >=7) LiDAR-frame boxes -> (n, 8, 2) pixel corners in a camera of the info and (n,)
+    whether to draw each: every corner in front of the camera and one near enough to the image."""
+    if len(boxes) == 0:
+        return np.zeros((0, 8, 2)), np.zeros(0, bool)
+    rot = np.asarray(cam["sensor2lidar_rotation"], np.float64)
+    trans = np.asarray(cam["sensor2lidar_translation"], np.float64)
+    cam_pts = (box_corners(boxes) - trans) @ rot  # (n, 8, 3): LiDAR -> camera
+    depth = cam_pts[..., 2]
+    uv = cam_pts @ intrinsic.T
+    uv = uv[..., :2] / np.maximum(uv[..., 2:3], 1e-6)
+    height, width = image_hw
+    margin = OFF_IMAGE - 1
+    inside = (uv[..., 0] > -margin * width) & (uv[..., 0] < OFF_IMAGE * width) & (uv[..., 1] < OFF_IMAGE * height)
+    return uv, (depth > MIN_DEPTH).all(axis=1) & inside.any(axis=1)
+
+
+def _draw_box(img: np.ndarray, uv: np.ndarray, rgb: tuple[int, int, int], thickness: int) -> None:
+    """A projected box's 12 edges and the cross on its front face, from its (8, 2) pixel corners."""
+    pts = np.round(uv).astype(np.int32)
+    for a, b in EDGES + FRONT_CROSS:
+        cv2.line(img, tuple(pts[a]), tuple(pts[b]), rgb, thickness, cv2.LINE_AA)
+
+
 def camera_tile(
     cam: dict,
     gt_boxes: np.ndarray,
@@ -121,36 +157,19 @@ def camera_tile(
     """One camera image (RGB, `width` wide) with ground-truth and predicted boxes (LiDAR frame)
     projected through its calibration; boxes reaching behind the camera are left out."""
     img, scale = read_reduced(cam["data_path"], width)
-    rot = np.asarray(cam["sensor2lidar_rotation"], np.float64)
-    trans = np.asarray(cam["sensor2lidar_translation"], np.float64)
     intrinsic = np.asarray(cam["cam_intrinsic"], np.float64).copy()
     intrinsic[:2] *= scale
-    thickness = max(1, round(img.shape[1] / 640))
-
-    def project(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if len(boxes) == 0:
-            return np.zeros((0, 8, 2)), np.zeros(0, bool)
-        cam_pts = (box_corners(boxes) - trans) @ rot  # (n, 8, 3): LiDAR -> camera
-        depth = cam_pts[..., 2]
-        uv = cam_pts @ intrinsic.T
-        uv = uv[..., :2] / np.maximum(uv[..., 2:3], 1e-6)
-        inside = (uv[..., 0] > -img.shape[1]) & (uv[..., 0] < 2 * img.shape[1]) & (uv[..., 1] < 2 * img.shape[0])
-        return uv, (depth > 0.5).all(axis=1) & inside.any(axis=1)
-
-    gt_uv, gt_ok = project(gt_boxes)
+    thickness = max(1, round(img.shape[1] / PIXELS_PER_LINE_WIDTH))
+    gt_uv, gt_ok = project_boxes(gt_boxes, cam, intrinsic, img.shape[:2])
     for uv in gt_uv[gt_ok]:
-        pts = np.round(uv).astype(np.int32)
-        for a, b in EDGES + FRONT_CROSS:
-            cv2.line(img, tuple(pts[a]), tuple(pts[b]), GT_RGB, 1, cv2.LINE_AA)
-    pred_uv, pred_ok = project(pred_boxes)
+        _draw_box(img, uv, GT_RGB, 1)
+    pred_uv, pred_ok = project_boxes(pred_boxes, cam, intrinsic, img.shape[:2])
     for i in np.flatnonzero(pred_ok):
-        pts = np.round(pred_uv[i]).astype(np.int32)
-        for a, b in EDGES + FRONT_CROSS:
-            cv2.line(img, tuple(pts[a]), tuple(pts[b]), pred_colors[i], thickness, cv2.LINE_AA)
+        _draw_box(img, pred_uv[i], pred_colors[i], thickness)
     for i in np.flatnonzero(pred_ok):
         top = pred_uv[i][np.argmin(pred_uv[i][:, 1])]
         if 0 <= top[0] < img.shape[1] and top[1] < img.shape[0]:
-            _label(img, pred_labels[i], (int(top[0]), int(top[1]) - 3), pred_colors[i])
+            _label(img, pred_labels[i], (int(top[0]), int(top[1]) - LABEL_LIFT), pred_colors[i])
     if img.shape[1] != width:
         img = cv2.resize(img, (width, round(img.shape[0] * width / img.shape[1])), interpolation=cv2.INTER_AREA)
     return img
@@ -165,11 +184,11 @@ def camera_mosaic(info: dict, gt_boxes: np.ndarray, pred_boxes: np.ndarray, colo
             if name not in info["cams"]:
                 raise KeyError(f"sample {info['token']}: no {name} in the info's cams")
             tile = camera_tile(info["cams"][name], gt_boxes, pred_boxes, colors, labels)
-            _label(tile, name, (4, 16), (240, 240, 240), 0.5)
+            _label(tile, name, CAMERA_NAME_AT, CAMERA_NAME_RGB, CAMERA_NAME_SCALE)
             tiles.append(tile)
         height = min(t.shape[0] for t in tiles)
         rows.append(np.concatenate([t[:height] for t in tiles], axis=1))
-    gap = np.zeros((4, rows[0].shape[1], 3), np.uint8)
+    gap = np.zeros((GAP, rows[0].shape[1], 3), np.uint8)
     return np.concatenate([rows[0], gap, rows[1]], axis=0)
 
 
@@ -179,7 +198,7 @@ def _figure_to_array(fig) -> np.ndarray:
 
 
 def birds_eye(
-    gt_boxes: np.ndarray, pred_boxes: np.ndarray, colors: list, size_px: int, extent: float = 55.0
+    gt_boxes: np.ndarray, pred_boxes: np.ndarray, colors: list, size_px: int, extent: float = BEV_EXTENT
 ) -> np.ndarray:
     """Ego-frame boxes (forward up, left on the left) with heading marks, as an RGB array."""
     import matplotlib
@@ -191,20 +210,20 @@ def birds_eye(
     def view(xy: np.ndarray) -> np.ndarray:  # ego (x forward, y left) -> plot (right, up)
         return np.stack([-xy[..., 1], xy[..., 0]], axis=-1)
 
-    dpi = 100
-    fig, ax = plt.subplots(figsize=(size_px / dpi, size_px / dpi), dpi=dpi)
+    fig, ax = plt.subplots(figsize=(size_px / DPI, size_px / DPI), dpi=DPI)
     fig.patch.set_facecolor(BACKGROUND)
     ax.set_facecolor(BACKGROUND)
-    for radius in (20, 40):
+    for radius in BEV_RINGS:
         ax.add_patch(plt.Circle((0, 0), radius, fill=False, color="#555555", linewidth=0.6, linestyle=":"))
     if len(gt_boxes):
-        ax.add_collection(LineCollection(list(view(footprints(gt_boxes))), colors="white", linewidths=0.9))
-        ax.add_collection(LineCollection(list(view(heading_segments(gt_boxes))), colors="white", linewidths=0.9))
+        ax.add_collection(LineCollection(list(view(footprints(gt_boxes))), colors="white", linewidths=GT_LINE))
+        ax.add_collection(LineCollection(list(view(heading_segments(gt_boxes))), colors="white", linewidths=GT_LINE))
     if len(pred_boxes):
         rgb = [tuple(c / 255 for c in color) for color in colors]
-        ax.add_collection(LineCollection(list(view(footprints(pred_boxes))), colors=rgb, linewidths=1.4))
-        ax.add_collection(LineCollection(list(view(heading_segments(pred_boxes))), colors=rgb, linewidths=1.4))
-    ax.add_patch(plt.Rectangle((-0.95, -2.3), 1.9, 4.6, color="#bbbbbb"))  # the ego car, forward up
+        ax.add_collection(LineCollection(list(view(footprints(pred_boxes))), colors=rgb, linewidths=PRED_LINE))
+        ax.add_collection(LineCollection(list(view(heading_segments(pred_boxes))), colors=rgb, linewidths=PRED_LINE))
+    ego_w, ego_l = EGO_FOOTPRINT
+    ax.add_patch(plt.Rectangle((-ego_w / 2, -ego_l / 2), ego_w, ego_l, color="#bbbbbb"))  # forward up
     ax.set_xlim(-extent, extent)
     ax.set_ylim(-extent, extent)
     ax.set_aspect("equal")
@@ -218,15 +237,11 @@ def birds_eye(
     return out
 
 
-def draw_frame(
-    info: dict,
-    result: dict,
-    classes: list[str],
-    score_threshold: float,
-    path: str,
-    title: str = "",
-) -> None:
-    """One frame as a PNG: the camera mosaic beside the bird's-eye view (see the module doc)."""
+def prediction_styles(
+    result: dict, classes: list[str], score_threshold: float
+) -> tuple[np.ndarray, list[tuple[int, int, int]], list[str]]:
+    """The boxes of one frame's result with score >= score_threshold, (n, >=7) LiDAR frame, their
+    colours (per track id, or per class without ids) and labels "#id class score"."""
     keep = np.flatnonzero(np.asarray(result["scores_3d"]) >= score_threshold)
     pred = np.asarray(result["boxes_3d"], np.float64)[keep].reshape(-1, np.shape(result["boxes_3d"])[-1])
     labels = np.asarray(result["labels_3d"])[keep]
@@ -237,18 +252,37 @@ def draw_frame(
         (f"#{int(ids[i])} " if ids is not None and ids[i] >= 0 else "") + f"{classes[int(labels[i])]} {scores[i]:.2f}"
         for i in range(len(keep))
     ]
+    return pred, colors, texts
+
+
+def _header(width: int, text: str) -> np.ndarray:
+    """A dark strip with one line of text, to sit above a picture `width` pixels wide."""
+    header = np.full((HEADER_HEIGHT, width, 3), HEADER_GREY, np.uint8)
+    cv2.putText(header, text, HEADER_TEXT_AT, LABEL_FONT, HEADER_SCALE, HEADER_RGB, 1, cv2.LINE_AA)
+    return header
+
+
+def draw_frame(
+    info: dict,
+    result: dict,
+    classes: list[str],
+    score_threshold: float,
+    path: str,
+    title: str = "",
+) -> None:
+    """One frame as a PNG: the camera mosaic beside the bird's-eye view (see the module doc)."""
+    pred, colors, texts = prediction_styles(result, classes, score_threshold)
     gt = np.asarray(info.get("gt_boxes", np.zeros((0, 7))), np.float64).reshape(-1, 7)
     mosaic = camera_mosaic(info, gt, pred, colors, texts)
     l2e = (info["lidar2ego_rotation"], info["lidar2ego_translation"])
     bev = birds_eye(to_frame(gt, *l2e), to_frame(pred, *l2e), colors, mosaic.shape[0])
-    canvas = np.concatenate([mosaic, np.zeros((mosaic.shape[0], 4, 3), np.uint8), bev[: mosaic.shape[0]]], axis=1)
-    header = np.full((26, canvas.shape[1], 3), 30, np.uint8)
+    gap = np.zeros((mosaic.shape[0], GAP, 3), np.uint8)
+    canvas = np.concatenate([mosaic, gap, bev[: mosaic.shape[0]]], axis=1)
     legend = (
         f"{title}   predictions (score >= {score_threshold:.2f}): a colour per track id, '#id class score'"
         "   ground truth: white   heading: the front face's cross / the line to the front"
     )
-    cv2.putText(header, legend.strip(), (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (235, 235, 235), 1, cv2.LINE_AA)
-    write_png(path, np.concatenate([header, canvas], axis=0))
+    write_png(path, np.concatenate([_header(canvas.shape[1], legend.strip()), canvas], axis=0))
 
 
 def draw_tracks(scene_infos: list[dict], gt_tracks: dict, pred_tracks: dict, path: str, title: str = "") -> None:
