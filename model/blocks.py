@@ -104,14 +104,12 @@ class DeformableFeatureAggregation(nn.Module):
         attn_drop: float = 0.15,
         num_learnable_pts: int = 6,
         fix_scale=None,
-        residual_mode: str = "cat",
     ):
         super().__init__()
         if embed_dims % num_groups:
             raise ValueError(f"embed_dims ({embed_dims}) must be divisible by num_groups ({num_groups})")
         self.embed_dims, self.num_groups, self.num_levels, self.num_cams = embed_dims, num_groups, num_levels, num_cams
         self.attn_drop = attn_drop
-        self.residual_mode = residual_mode
         self.backend = "auto"  # of model.ops.deformable_aggregation; benchmarks set "grid_sample"
         self.kps_generator = KeyPointsGenerator(embed_dims, num_learnable_pts, fix_scale)
         self.num_pts = self.kps_generator.num_pts
@@ -136,7 +134,7 @@ class DeformableFeatureAggregation(nn.Module):
     ) -> torch.Tensor:
         """instance_feature, anchor_embed (bs, n, C); anchor (bs, n, 11); feature_maps: levels of
         (bs, cams, C, H, W); projection_mat (bs, cams, 4, 4) LiDAR -> pixels; image_wh (bs, cams, 2).
-        Returns (bs, n, 2C) for residual "cat" (or (bs, n, C) for "add")."""
+        Returns (bs, n, 2C): the aggregated features, then the input ones (the reference's residual "cat")."""
         bs, num_anchor = instance_feature.shape[:2]
         key_points = self.kps_generator(anchor, instance_feature)  # (bs, n, pts, 3)
         weights = self._get_weights(instance_feature, anchor_embed, projection_mat)
@@ -145,10 +143,7 @@ class DeformableFeatureAggregation(nn.Module):
         # (bs, n, cams, levels, pts, groups) -> (bs, n, pts, cams, levels, groups)
         weights = weights.permute(0, 1, 4, 2, 3, 5)
         features = deformable_aggregation(feature_maps, points_2d, weights, backend=self.backend)  # (bs, n, C)
-        output = self.output_proj(features)
-        if self.residual_mode == "cat":
-            return torch.cat([output, instance_feature], dim=-1)
-        return output + instance_feature
+        return torch.cat([self.output_proj(features), instance_feature], dim=-1)
 
     def _get_weights(
         self, instance_feature: torch.Tensor, anchor_embed: torch.Tensor, projection_mat: torch.Tensor

@@ -44,9 +44,7 @@ class RefinementModule(nn.Module):
     predicted displacement over the frame interval), class logits and quality (centerness,
     yawness)."""
 
-    def __init__(
-        self, embed_dims: int = 256, output_dim: int = 11, num_cls: int = 10, with_quality_estimation: bool = True
-    ):
+    def __init__(self, embed_dims: int = 256, output_dim: int = 11, num_cls: int = 10):
         super().__init__()
         self.output_dim = output_dim
         self.refine_state = [X, Y, Z, LENGTH, WIDTH, HEIGHT, SIN_YAW, COS_YAW]
@@ -54,9 +52,7 @@ class RefinementModule(nn.Module):
             *linear_relu_ln(embed_dims, 2, 2), Linear(embed_dims, output_dim), Scale([1.0] * output_dim)
         )
         self.cls_layers = nn.Sequential(*linear_relu_ln(embed_dims, 1, 2), Linear(embed_dims, num_cls))
-        self.with_quality_estimation = with_quality_estimation
-        if with_quality_estimation:
-            self.quality_layers = nn.Sequential(*linear_relu_ln(embed_dims, 1, 2), Linear(embed_dims, 2))
+        self.quality_layers = nn.Sequential(*linear_relu_ln(embed_dims, 1, 2), Linear(embed_dims, 2))
 
     def init_weight(self) -> None:
         nn.init.constant_(self.cls_layers[-1].bias, bias_init_with_prob(0.01))
@@ -78,5 +74,5 @@ class RefinementModule(nn.Module):
         velocity = (output[..., VX:].transpose(0, -1) / time_interval).transpose(0, -1) + anchor[..., VX:]
         output = torch.cat([refined, velocity], dim=-1)
         cls = self.cls_layers(instance_feature) if return_cls else None
-        quality = self.quality_layers(feature) if return_cls and self.with_quality_estimation else None
+        quality = self.quality_layers(feature) if return_cls else None
         return output, cls, quality

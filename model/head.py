@@ -117,7 +117,6 @@ class Sparse4DHead(nn.Module):
                     attn_drop,
                     num_learnable_pts,
                     fix_scale,
-                    residual_mode="cat",
                 )
             return RefinementModule(embed_dims, num_cls=num_classes)
 

@@ -33,7 +33,6 @@ class InstanceBank(nn.Module):
         default_time_interval: float = 0.5,
         confidence_decay: float = 0.6,
         max_time_interval: float = 2.0,
-        feat_grad: bool = False,
         correct_projected_yaw: bool = False,
     ):
         super().__init__()
@@ -48,13 +47,12 @@ class InstanceBank(nn.Module):
         self.num_anchor = len(anchor)
         self.anchor = nn.Parameter(torch.tensor(anchor))
         self.anchor_init = anchor
-        self.instance_feature = nn.Parameter(torch.zeros(self.num_anchor, embed_dims), requires_grad=feat_grad)
+        # fixed zeros, as the reference configures it (feat_grad=False)
+        self.instance_feature = nn.Parameter(torch.zeros(self.num_anchor, embed_dims), requires_grad=False)
         self.reset()
 
     def init_weight(self) -> None:
         self.anchor.data = self.anchor.data.new_tensor(self.anchor_init)
-        if self.instance_feature.requires_grad:
-            nn.init.xavier_uniform_(self.instance_feature.data, gain=1)
 
     def reset(self) -> None:
         self.cached_feature = None  # (bs, num_temp, C)
