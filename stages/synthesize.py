@@ -1,19 +1,33 @@
-"""DVC stage `synthesize`: write the synthetic nuScenes twin (the embedded default dataset)."""
+"""DVC stage `synthesize`: write the synthetic nuScenes twin (the embedded default dataset).
+
+The twin is written only when convert reads it: with convert.data_root naming another dataset
+(real nuScenes, e.g. data/nuscenes-real), the output folder gets a one-file placeholder instead,
+in well under a second."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.cli import run_stage, stage_parser
 from pipeline.files import write_json_atomic
-from pipeline.params import ParamsError, load_params
-from pipeline.twin.writer import TwinConfig, TwinConfigError, write_twin
+from pipeline.params import ParamsError, read_params
+
+if TYPE_CHECKING:
+    from pipeline.twin.writer import TwinConfig
+
+PLACEHOLDER = "NOT_SYNTHESIZED.txt"
 
 
-def run(args: argparse.Namespace) -> None:
-    p = load_params(args.params, "synthesize")
+def twin_config(p: dict, params_path: str) -> TwinConfig:
+    from pipeline.twin.writer import TwinConfig, TwinConfigError
+
     cfg = TwinConfig(
         version=p["version"],
         seed=int(p["seed"]),
@@ -30,9 +44,49 @@ def run(args: argparse.Namespace) -> None:
     try:
         cfg.validate()
     except TwinConfigError as err:
-        raise ParamsError(f"{args.params}: {err}") from None
+        raise ParamsError(f"{params_path}: {err}") from None
+    return cfg
+
+
+def write_placeholder(out: Path, data_root: str, params_path: str) -> None:
+    """`out` as a folder holding only PLACEHOLDER, which says where the dataset is read instead;
+    built beside `out` and renamed into place, as the twin is."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / PLACEHOLDER).write_text(
+            f"The synthetic nuScenes twin was not written here: convert.data_root in {params_path} is\n"
+            f"{data_root}, so the pipeline reads that dataset instead. Set convert.data_root to\n"
+            f"{out.as_posix()} to synthesize the twin here.\n"
+        )
+        if out.is_symlink() or out.is_file():
+            out.unlink()
+        elif out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def run(args: argparse.Namespace) -> None:
+    params = read_params(args.params)
+    data_root, out = str(params["convert"]["data_root"]), Path(args.out)
+    if Path(data_root).resolve() != out.resolve():
+        if out.resolve() in Path(data_root).resolve().parents:
+            raise ParamsError(
+                f"{args.params}: convert.data_root {data_root} lies inside {out.as_posix()}, the synthesize "
+                "stage's output, which the stage replaces: put the dataset elsewhere (e.g. data/nuscenes-real)"
+            )
+        write_placeholder(out, data_root, args.params)
+        write_json_atomic(args.metrics, {"synthesized": False, "data_root": data_root})
+        print(f"synthesize: convert.data_root is {data_root}: the twin is not synthesized ({out / PLACEHOLDER})")
+        return
+    from pipeline.twin.writer import write_twin  # the devkit and the renderer: seconds to import
+
+    cfg = twin_config(params["synthesize"], args.params)
     start = time.perf_counter()
-    counts = write_twin(cfg, args.out)
+    counts = write_twin(cfg, out)
     # The time goes to the log, not the metrics: the metrics file is hashed into dvc.lock.
     write_json_atomic(args.metrics, counts)
     print(f"synthesize: wrote {args.out} in {time.perf_counter() - start:.0f} s: {counts}")

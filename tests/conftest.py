@@ -1,8 +1,10 @@
-"""Shared fixtures: one small synthetic twin per test session."""
+"""Shared fixtures: one small synthetic twin per test session, a git + DVC copy of the project;
+launching a stage as DVC does."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +31,22 @@ def small_twin(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("twin") / "data" / "nuscenes"
     write_twin(SMALL, root, workers=2)
     return root
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A git + DVC copy of the project's tracked and new files (no data, no venv)."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    work = tmp_path / "project"
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, work / name)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "project"]):
+        subprocess.run(cmd, cwd=work, check=True, capture_output=True)
+    return work

@@ -7,7 +7,6 @@ import ast
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,25 +145,6 @@ def test_evaluate_scores_the_checkpoint_its_param_names():
 
 
 # ---------------------------------------------------------------- DVC itself, in a copy of the project
-
-
-@pytest.fixture
-def project(tmp_path) -> Path:
-    """A git + DVC copy of the project's tracked and new files (no data, no venv)."""
-    if shutil.which("git") is None:
-        pytest.skip("git is not installed")
-    work = tmp_path / "project"
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (work / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, work / name)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "project"]):
-        subprocess.run(cmd, cwd=work, check=True, capture_output=True)
-    return work
 
 
 def dvc(work: Path, *args: str) -> str:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -96,3 +98,58 @@ def test_evaluate_scores_the_checkpoint_flag_over_the_param(tmp_path, capfd):
     assert f"evaluate: {tmp_path / 'missing-param.pth'}: checkpoint not found" in capfd.readouterr().err
     assert main([*args, "--checkpoint", ""]) == 2
     assert "evaluate: --checkpoint is empty" in capfd.readouterr().err
+
+
+# ---------------------------------------------------------------- real data without the twin
+
+
+def test_synthesize_writes_only_a_placeholder_when_convert_reads_another_dataset(tmp_path, capsys):
+    """convert.data_root elsewhere (real nuScenes): no twin, a placeholder saying where the data
+    are read, in well under a second; a twin left there before is replaced."""
+    from stages.synthesize import main
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["convert"]["data_root"] = "data/nuscenes-real"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "data" / "nuscenes"
+    (out / "samples" / "CAM_FRONT").mkdir(parents=True)
+    args = ["--params", str(tmp_path / "params.yaml"), "--out", str(out), "--metrics", str(tmp_path / "m.json")]
+    start = time.perf_counter()
+    assert main(args) == 0
+    assert time.perf_counter() - start < 1.0
+    assert [p.name for p in out.iterdir()] == ["NOT_SYNTHESIZED.txt"]
+    assert "data/nuscenes-real" in (out / "NOT_SYNTHESIZED.txt").read_text()
+    assert json.loads((tmp_path / "m.json").read_text()) == {"synthesized": False, "data_root": "data/nuscenes-real"}
+    assert "the twin is not synthesized" in capsys.readouterr().out
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+    params["convert"]["data_root"] = str(out / "real")  # inside the folder the stage replaces
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(args) == 2
+    assert "lies inside" in capsys.readouterr().err and (out / "NOT_SYNTHESIZED.txt").is_file()
+
+
+def test_full_profile_from_an_empty_data_folder_and_a_linked_dataset(project, small_twin):
+    """params-full.yaml (convert.data_root: data/nuscenes-real) in a copy of the project with an
+    empty data/ and the dataset linked in: `dvc repro` of the data stages writes no twin and
+    converts the linked dataset (here a small twin standing in for real nuScenes)."""
+    from tests.test_dag import dvc
+
+    params = yaml.safe_load((project / "params-full.yaml").read_text())
+    assert params["convert"]["data_root"] == "data/nuscenes-real"
+    params["convert"]["version"] = "v1.0-mini"  # the stand-in's version
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    assert not (project / "data").exists()
+    (project / "data").mkdir()
+    (project / "data" / "nuscenes-real").symlink_to(small_twin, target_is_directory=True)
+    dvc(project, "repro", "synthesize", "fingerprint", "convert")
+    assert [p.name for p in (project / "data" / "nuscenes").iterdir()] == ["NOT_SYNTHESIZED.txt"]
+    summary = json.loads((project / "metrics" / "convert.json").read_text())
+    assert summary["train"]["samples"] == 6 and summary["val"]["samples"] == 3
+    assert (project / "data" / "infos" / "nuscenes_infos_val.pkl").is_file()
+    assert json.loads((project / "metrics" / "synthesize.json").read_text())["synthesized"] is False
+    assert not json.loads(dvc(project, "status", "--json", "synthesize", "convert"))
+    # back to the twin: synthesize is out of date (it depends on convert.data_root)
+    params["convert"].update(data_root="data/nuscenes")
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    assert "synthesize" in json.loads(dvc(project, "status", "--json", "synthesize"))

@@ -345,8 +345,9 @@ def test_same_seed_same_bytes_any_worker_count(tmp_path):
 def test_bad_params_fail_cleanly(tmp_path, change, message):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["synthesize"].update(change)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "data" / "nuscenes"
+    params["convert"]["data_root"] = str(out)  # the twin is written only where convert reads it
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = launch_stage(
         "synthesize",
         "--params",
