@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.detector import CLASSES as DETECTION_CLASSES
 from pipeline.convert import convert
 from pipeline.dataset import IMG_MEAN, IMG_STD, DatasetError, Sparse4DDataset, collate, lidar2img_matrices
 from pipeline.sampler import GroupInBatchSampler, SamplerError
+from pipeline.settings import CLASSES as DETECTION_CLASSES
 
 CLASSES = list(DETECTION_CLASSES)
 AUG = {

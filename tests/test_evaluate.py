@@ -12,7 +12,6 @@ import pytest
 import yaml
 from pyquaternion import Quaternion
 
-from model.detector import CLASSES as DETECTION_CLASSES
 from pipeline import pictures
 from pipeline.convert import convert
 from pipeline.evaluate import (
@@ -29,6 +28,7 @@ from pipeline.evaluate import (
     tracking_submission,
     write_results,
 )
+from pipeline.settings import CLASSES as DETECTION_CLASSES
 from tests.conftest import ROOT, SMALL  # noqa: F401
 
 CLASSES = list(DETECTION_CLASSES)

@@ -35,10 +35,11 @@ from pipeline.anchors import kmeans_anchors
 from pipeline.convert import convert
 from pipeline.dataset import IMG_STD, Sparse4DDataset
 from pipeline.sampler import GroupInBatchSampler
+from pipeline.settings import CLASSES as DETECTION_CLASSES
 from tests.reference import reference_modules, require_reference
 from tests.test_convert import write_variant
 
-CLASSES = ["car", "truck", "construction_vehicle", "bus", "trailer", "barrier", "motorcycle", "bicycle", "pedestrian", "traffic_cone"]  # fmt: skip
+CLASSES = list(DETECTION_CLASSES)  # the reference config's class_names, in its order
 # The reference config's augmentation, on the small twin's 640 x 360 images.
 AUG = {
     "H": 360,
