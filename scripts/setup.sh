@@ -53,6 +53,7 @@ install_project() {
     if ! "$py" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" 2>/dev/null; then
       pipq install -q "setuptools>=64,<70"  # editable installs from pyproject.toml (PEP 660)
     fi
+    "$py" -c "import wheel" 2>/dev/null || pipq install -q wheel  # setuptools < 70.1 builds with it
     pipq install -q --no-deps --no-build-isolation -e "$root"
   fi
 }
