@@ -44,6 +44,22 @@ def block_diagonal_mask(groups: int, size: int, device: torch.device) -> torch.T
     return mask
 
 
+def swap_in_groups(temp: torch.Tensor, cur: torch.Tensor, use_temp: torch.Tensor) -> torch.Tensor:
+    """The current groups (bs, G, M, ...) with the first ones replaced by the cached groups
+    (bs, temp groups, temp M, ...) in the samples where `use_temp` (bs,) is set; the cached groups
+    are cut or zero-padded (not valid) to M queries first."""
+    num_temp_groups, num_temp_dn = temp.shape[1:3]
+    num_dn = cur.shape[2]
+    if num_temp_dn < num_dn:
+        pad = (0, num_dn - num_temp_dn) if temp.dim() == 3 else (0, 0, 0, num_dn - num_temp_dn)
+        temp = F.pad(temp, pad, value=0)
+    else:
+        temp = temp[:, :, :num_dn]
+    mask = use_temp[:, None, None] if cur.dim() == 3 else use_temp[:, None, None, None]
+    temp = torch.where(mask, temp, cur[:, :num_temp_groups])
+    return torch.cat([temp, cur[:, num_temp_groups:]], dim=1)
+
+
 class SparseBox3DTarget:
     """Target assignment: matches predictions to ground truth and makes the denoising queries
     (the reference's `sampler` of the head)."""
@@ -245,35 +261,27 @@ class SparseBox3DTarget:
             valid_mask.reshape(bs, groups, num_dn),
             dn_id_target.reshape(bs, groups, num_dn),
         ]
-        temp_ids = self.dn_metas["dn_id_target"]
-        num_temp_groups, num_temp_dn = temp_ids.shape[1:3]
-        # (bs, temp groups, temp dn, dn): which current gt each cached query belonged to
-        match = temp_ids[..., None] == current[5][:, :num_temp_groups, None]
-        temp_reg = (match[..., None] * current[2][:, :num_temp_groups, None]).sum(dim=3)
-        temp_cls = torch.where(
-            (~match).all(dim=-1), self.dn_metas["dn_cls_target"].new_tensor(NO_TARGET), self.dn_metas["dn_cls_target"]
-        )
-        cached = [
-            self.dn_metas["dn_instance_feature"],
-            self.dn_metas["dn_anchor"],
-            temp_reg,
-            temp_cls,
-            self.dn_metas["valid_mask"],
-            temp_ids,
-        ]
-        output = []
-        for temp, cur in zip(cached, current):
-            if num_temp_dn < num_dn:
-                pad = (0, num_dn - num_temp_dn) if temp.dim() == 3 else (0, 0, 0, num_dn - num_temp_dn)
-                temp = F.pad(temp, pad, value=0)
-            else:
-                temp = temp[:, :, :num_dn]
-            mask = temporal_valid_mask[:, None, None] if cur.dim() == 3 else temporal_valid_mask[:, None, None, None]
-            temp = torch.where(mask, temp, cur[:, :num_temp_groups])
-            output.append(torch.cat([temp, cur[:, num_temp_groups:]], dim=1).flatten(1, 2))
+        cached = self._retargeted_cache(current[2], current[5])
+        output = [swap_in_groups(temp, cur, temporal_valid_mask).flatten(1, 2) for temp, cur in zip(cached, current)]
         output[0] = torch.cat([instance_feature, output[0]], dim=1)
         output[1] = torch.cat([anchor, output[1]], dim=1)
         return tuple(output)
+
+    def _retargeted_cache(self, reg_target: torch.Tensor, id_target: torch.Tensor) -> list[torch.Tensor]:
+        """Last frame's cached groups with this frame's targets: a cached query takes the box target
+        (bs, G, M, 10) of the current ground truth with its instance id (bs, G, M), and NO_TARGET as
+        class where that instance is gone. Returns feature, anchor, box, class, valid and id, each
+        (bs, temp groups, temp M, ...)."""
+        temp_ids = self.dn_metas["dn_id_target"]
+        num_temp_groups = temp_ids.shape[1]
+        # (bs, temp groups, temp M, M): which current gt each cached query belonged to
+        match = temp_ids[..., None] == id_target[:, :num_temp_groups, None]
+        temp_reg = (match[..., None] * reg_target[:, :num_temp_groups, None]).sum(dim=3)
+        temp_cls = torch.where(
+            (~match).all(dim=-1), self.dn_metas["dn_cls_target"].new_tensor(NO_TARGET), self.dn_metas["dn_cls_target"]
+        )
+        meta = self.dn_metas
+        return [meta["dn_instance_feature"], meta["dn_anchor"], temp_reg, temp_cls, meta["valid_mask"], temp_ids]
 
     def cache_dn(self, dn_instance_feature, dn_anchor, dn_cls_target, valid_mask, dn_id_target) -> None:
         """Keep `num_temp_dn_groups` random denoising groups for the next frame."""
