@@ -38,7 +38,7 @@ class Denoising:
     """A training frame's denoising queries, which follow the `num_free` free instances."""
 
     num_free: int
-    reg_target: torch.Tensor  # (bs, num_dn, 11)
+    reg_target: torch.Tensor  # (bs, num_dn, 10) encoded boxes
     cls_target: torch.Tensor  # (bs, num_dn): class, NEGATIVE_QUERY or NO_TARGET (model.target)
     valid_mask: torch.Tensor  # (bs, num_dn): not padding
     id_target: torch.Tensor | None  # (bs, num_dn) instance ids; None without temporal denoising
