@@ -379,6 +379,42 @@ class Sparse4DDataset(torch.utils.data.Dataset):
         ids = np.asarray(info["instance_inds"], np.int64)[mask] if "instance_inds" in info else None
         return np.concatenate([boxes, velocity], axis=1), labels, ids
 
+    def load_images(self, info: dict, aug: dict) -> list[np.ndarray]:
+        """The six camera images of an info, augmented: (H, W, 3) uint8 RGB each, in info order."""
+        final_h, final_w = self.aug_conf["final_dim"]
+        size = (self.aug_conf["W"], self.aug_conf["H"])
+        if self.fast_images:
+            return [load_image_fast(cam["data_path"], aug, (final_w, final_h), size) for cam in info["cams"].values()]
+        return [load_image_chain(cam["data_path"], aug, size) for cam in info["cams"].values()]
+
+    def training_targets(
+        self, info: dict, aug: dict, lidar2img: list[np.ndarray], lidar2global: np.ndarray
+    ) -> tuple[dict[str, Any], list[np.ndarray], np.ndarray]:
+        """Depth maps, then the 3D rotation of the LiDAR frame (boxes, projections, pose), boxes in
+        range of the detection classes; returns the targets and the rotated projections and pose."""
+        final_h, final_w = self.aug_conf["final_dim"]
+        targets: dict[str, Any] = {}
+        if self.with_depth:
+            points = _load_points(info["lidar_path"])
+            targets["gt_depth"] = depth_maps(points, lidar2img, (final_h, final_w))
+        angle = aug.get("rotate_3d", 0.0)
+        cos, sin = np.cos(angle), np.sin(angle)
+        rot = np.eye(4)
+        rot[:2, :2] = [[cos, -sin], [sin, cos]]
+        rot_inv = np.linalg.inv(rot)
+        lidar2img = [m @ rot_inv for m in lidar2img]
+        lidar2global = lidar2global @ rot_inv
+        boxes, labels, ids = self.annotations(info)
+        boxes = rotate_boxes(boxes, angle)
+        keep = (labels >= 0) & (np.linalg.norm(boxes[:, :2], axis=1) <= self.class_range)
+        boxes, labels = boxes[keep], labels[keep]
+        boxes[:, YAW] = limit_period(boxes[:, YAW])
+        targets["gt_bboxes_3d"] = torch.from_numpy(boxes).float()
+        targets["gt_labels_3d"] = torch.from_numpy(labels)
+        if ids is not None:
+            targets["instance_id"] = ids[keep]
+        return targets, lidar2img, lidar2global
+
     def __getitem__(self, index: int | dict) -> dict:
         if isinstance(index, dict):
             aug, index = index["aug_config"], int(index["idx"])
@@ -389,45 +425,20 @@ class Sparse4DDataset(torch.utils.data.Dataset):
         lidar2global = pose_matrix(info["ego2global_rotation"], info["ego2global_translation"]) @ pose_matrix(
             info["lidar2ego_rotation"], info["lidar2ego_translation"]
         )
-        final_h, final_w = self.aug_conf["final_dim"]
-
-        imgs = []
+        imgs = self.load_images(info, aug)
         transform = np.eye(4)
         transform[:3, :3] = image_transform(aug)
-        size = (self.aug_conf["W"], self.aug_conf["H"])
-        for cam in info["cams"].values():
-            if self.fast_images:
-                imgs.append(load_image_fast(cam["data_path"], aug, (final_w, final_h), size))
-            else:
-                imgs.append(load_image_chain(cam["data_path"], aug, size))
         lidar2img = [transform @ m for m in lidar2img]
         focal = np.array([k[0, 0] * aug["resize"] for k in intrinsics], np.float32)
 
         sample: dict[str, Any] = {}
         if not self.test_mode:
-            if self.with_depth:
-                points = _load_points(info["lidar_path"])
-                sample["gt_depth"] = depth_maps(points, lidar2img, (final_h, final_w))
-            # 3D rotation of the LiDAR frame (boxes, projections, pose)
-            angle = aug.get("rotate_3d", 0.0)
-            cos, sin = np.cos(angle), np.sin(angle)
-            rot = np.eye(4)
-            rot[:2, :2] = [[cos, -sin], [sin, cos]]
-            rot_inv = np.linalg.inv(rot)
-            lidar2img = [m @ rot_inv for m in lidar2img]
-            lidar2global = lidar2global @ rot_inv
-            boxes, labels, ids = self.annotations(info)
-            boxes = rotate_boxes(boxes, angle)
-            keep = (labels >= 0) & (np.linalg.norm(boxes[:, :2], axis=1) <= self.class_range)
-            boxes, labels = boxes[keep], labels[keep]
-            boxes[:, YAW] = limit_period(boxes[:, YAW])
-            sample["gt_bboxes_3d"] = torch.from_numpy(boxes).float()
-            sample["gt_labels_3d"] = torch.from_numpy(labels)
-            if ids is not None:
-                sample["instance_id"] = ids[keep]
+            targets, lidar2img, lidar2global = self.training_targets(info, aug, lidar2img, lidar2global)
+            sample.update(targets)
             if self.photometric:
                 rng = np.random.RandomState(np.random.randint(2**31))
                 imgs = [photometric_distortion(img, rng) for img in imgs]
+        final_h, final_w = self.aug_conf["final_dim"]
         sample.update(
             img=torch.from_numpy(normalise(imgs)),
             projection_mat=torch.from_numpy(np.stack(lidar2img).astype(np.float32)),
