@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -142,6 +143,20 @@ def init_distributed(device_type: str) -> Dist:
     if world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend=backend_for(device_type), rank=rank, world_size=world_size)
     return Dist(rank, local_rank, world_size, device)
+
+
+def to_device(obj: Any, device: torch.device, non_blocking: bool = False, copy: bool = False) -> Any:
+    """`obj` with every tensor in it (nested dicts, lists, tuples) on `device`: the batch to the
+    training device, the temporal state to the CPU for a checkpoint and back. The containers are
+    new; with copy=True the tensors are too, even where they are already on `device` (a snapshot
+    that later in-place changes cannot reach). Everything else is shared."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking, copy=copy)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, non_blocking, copy) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device, non_blocking, copy) for v in obj)
+    return obj
 
 
 def amp_dtype(device: torch.device, precision: str) -> torch.dtype | None:

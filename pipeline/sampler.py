@@ -21,13 +21,14 @@ As the reference (``GroupInBatchSampler`` of Sparse4D), per slot and per batch:
 
 All draws come from numpy's global RNG in the reference's order, so for one numpy seed the
 reference sampler and this one hand out the same batches (tested). The training loop runs the
-sampler under a private numpy state, which makes it replayable after a resume.
+sampler under a private numpy state (`SeededBatches`), which makes it replayable after a resume:
+its position is the number of batches the loop has taken, and a resumed run skips that many.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -104,3 +105,64 @@ class GroupInBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:  # an endless stream; one "epoch" is the dataset once
         return max(1, sum(len(m) for m in self.group_members) // (self.batch_size * self.world_size))
+
+
+class SeededBatches:
+    """Batches from the group-in-batch sampler, each item tagged with its own seed.
+
+    The sampler draws augmentations from numpy's global RNG; it runs here under a private numpy
+    state, so the training process's RNG (grid mask) is not disturbed by how far the data loader
+    prefetches, and drawing the first `skip` batches again restores the sampler exactly (only
+    indices and augmentation settings are drawn, no data is loaded). `skip` is the number of
+    batches the training loop had taken, one per iteration: the loader may have drawn more.
+    """
+
+    def __init__(self, sampler: GroupInBatchSampler, seed: int, skip: int = 0):
+        self.sampler = sampler
+        self.seed = seed
+        self.drawn = 0
+        self._state = np.random.RandomState(seed).get_state()
+        self._it = iter(sampler)
+        for _ in range(skip):
+            self._next()
+
+    def _next(self) -> list:
+        saved = np.random.get_state()
+        np.random.set_state(self._state)
+        try:
+            batch = next(self._it)
+        finally:
+            self._state = np.random.get_state()
+            np.random.set_state(saved)
+        items = []
+        for slot, item in enumerate(batch):
+            item = dict(item) if isinstance(item, dict) else {"idx": int(item)}
+            item["seed"] = (self.seed * 1_000_003 + self.drawn * 1009 + slot) % (2**32)
+            items.append(item)
+        self.drawn += 1
+        return items
+
+    def __iter__(self) -> Iterator[list]:
+        while True:
+            yield self._next()
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """Seeds numpy per item (photometric distortion etc. then do not depend on the worker), and
+    puts the caller's numpy state back: with num_workers 0 items load in the training process,
+    whose numpy stream (the grid mask) must not depend on the loading."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: dict) -> dict:
+        item = dict(item)
+        saved = np.random.get_state()
+        np.random.seed(item.pop("seed"))
+        try:
+            return self.dataset[item if "aug_config" in item else item["idx"]]
+        finally:
+            np.random.set_state(saved)

@@ -1,6 +1,6 @@
-"""Training: resume after kill -9 equals an uninterrupted run, non-finite steps, clear errors,
-validation during training, and a 2-process gloo DDP run through `dvc repro train`, all on a
-tiny configuration."""
+"""Training: resume after kill -9 equals an uninterrupted run, a small checkpoint, the learning-rate
+schedule, non-finite steps, clear errors, validation during training, and a 2-process gloo DDP
+run through `dvc repro train`, all on a tiny configuration."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from model.detector import CLASSES
 from pipeline.anchors import kmeans_anchors
 from pipeline.convert import convert
 from pipeline.devices import DeviceError
-from pipeline.train import VAL_METRICS, TrainError, train
+from pipeline.train import VAL_METRICS, TrainError, adamw, advance_schedule, lr_factor, lr_schedule, train
 from tests.conftest import ROOT
 
 TINY_MODEL = dict(
@@ -126,6 +126,66 @@ def test_resume_after_kill_equals_an_uninterrupted_run(workspace, tmp_path, monk
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # the summary covers the whole run, the iterations before the kill included
+    resumed = json.loads((out / "train.json").read_text())
+    assert resumed["iterations"] == 6 and resumed["final_loss"] == history["final_loss"]
+
+
+def test_the_checkpoint_holds_no_images(workspace, tmp_path, monkeypatch):
+    """Besides the model and optimiser, latest.pth holds small state: of the previous batch only
+    the timestamps and poses the instance bank reads (no image, depth map or projection), and no
+    record per iteration."""
+    monkeypatch.chdir(workspace)
+    params = tiny_params(iterations=2)
+    run_train(workspace, tmp_path, params)
+    ckpt = torch.load(tmp_path / "checkpoints" / "latest.pth", weights_only=False)
+    assert ckpt["iteration"] == 2 and ckpt["sampler_batches"] == 2
+    view = 3 * params["data"]["aug"]["final_dim"][0] * params["data"]["aug"]["final_dim"][1]  # one camera image
+
+    def arrays(obj, where=""):
+        if isinstance(obj, (torch.Tensor, np.ndarray)):
+            yield where, obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from arrays(v, f"{where}/{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from arrays(v, f"{where}/{i}")
+
+    rest = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+    sizes = {where: (a.numel() if isinstance(a, torch.Tensor) else a.size) for where, a in arrays(rest)}
+    assert sum(sizes.values()) < view, sorted(sizes.items(), key=lambda kv: -kv[1])[:5]
+    metas = ckpt["rank_states"][0]["temporal"]["bank"]["metas"]
+    assert set(metas) == {"timestamp", "img_metas"}
+    assert not any(isinstance(v, list) and len(v) >= 2 for v in ckpt["counters"].values())
+
+
+def test_the_schedule_is_the_cosine_with_warm_up_and_resumes():
+    """The LambdaLR schedule of the demo's settings gives, at every iteration, the learning rates
+    of the formula (train.lr x lr_factor, the backbone's x train.backbone_lr_mult), bit for bit,
+    also after its state is saved and loaded half-way."""
+    tp = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
+    lr, mult, iters = float(tp["lr"]), float(tp["backbone_lr_mult"]), int(tp["iterations"])
+    shape = (iters, int(tp["warmup_iters"]), float(tp["warmup_ratio"]), float(tp["min_lr_ratio"]))
+
+    def schedule():
+        model = torch.nn.ModuleDict({"img_backbone": torch.nn.Linear(2, 2), "head": torch.nn.Linear(2, 2)})
+        optimizer = adamw(model, lr, mult, float(tp["weight_decay"]))
+        return optimizer, lr_schedule(optimizer, *shape)
+
+    optimizer, scheduler = schedule()
+    for it in range(iters):
+        if it == iters // 2:  # continue in a fresh optimiser and schedule from their saved state
+            states = optimizer.state_dict(), scheduler.state_dict()
+            optimizer, scheduler = schedule()
+            optimizer.load_state_dict(states[0])
+            scheduler.load_state_dict(states[1])
+        factor = lr_factor(it, *shape)
+        assert [g["lr"] for g in optimizer.param_groups] == [lr * factor * mult, lr * factor], it
+        assert scheduler.get_last_lr()[-1] == lr * factor, it  # the logged train/lr
+        advance_schedule(scheduler)
+    assert lr_factor(0, *shape) == pytest.approx(float(tp["warmup_ratio"]), rel=1e-4)
+    assert lr_factor(iters, *shape) == pytest.approx(float(tp["min_lr_ratio"]))
 
 
 def test_validation_logs_accuracy_curves_and_leaves_the_weights_unchanged(workspace, tmp_path, monkeypatch):

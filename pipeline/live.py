@@ -1,0 +1,112 @@
+"""What a training run reports: the DVCLive curves (train/* per iteration, val/* per validation),
+the progress bar, and the figures of metrics/train.json, kept as the run goes so a resumed run
+reports the whole run without keeping every iteration's record."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+VAL_METRICS = ("mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE")
+
+
+class RunningSummary:
+    """step_time_s: mean seconds per iteration without the first `warmup` ones (or the first one
+    when the run has no more than 2 x `warmup` iterations), as the seed's performance script;
+    samples_per_s = batch / that; final_loss: mean of the last `tail` finite losses. Holds the
+    first `warmup` step times, the sum and count of all, and the last `tail` losses."""
+
+    def __init__(self, warmup: int = 5, tail: int = 10):
+        self.warmup, self.tail = warmup, tail
+        self.iteration = 0
+        self.count = 0
+        self.time_sum = 0.0
+        self.first_times: list[float] = []
+        self.last_losses: list[float] = []
+
+    def add(self, iteration: int, loss: float, step_time: float) -> None:
+        self.iteration = iteration
+        self.count += 1
+        self.time_sum += step_time
+        if len(self.first_times) < self.warmup:
+            self.first_times.append(step_time)
+        self.last_losses = (self.last_losses + [loss])[-self.tail :]
+
+    def state_dict(self) -> dict:
+        keys = ("iteration", "count", "time_sum", "first_times", "last_losses")
+        return {k: getattr(self, k) for k in keys}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    def result(self, total_batch: int, world_size: int, device: str, nonfinite_steps: int) -> dict:
+        skip = self.warmup if self.count > 2 * self.warmup else min(1, self.count - 1)
+        skip = max(skip, 0)
+        step_time = (self.time_sum - sum(self.first_times[:skip])) / (self.count - skip) if self.count else math.nan
+        tail = [x for x in self.last_losses if math.isfinite(x)]
+        return {
+            "step_time_s": round(step_time, 4),
+            "samples_per_s": round(total_batch / step_time, 4) if step_time > 0 else 0.0,
+            "iterations": self.iteration,
+            "world_size": world_size,
+            "global_batch": total_batch,
+            "device": device,
+            "final_loss": round(sum(tail) / len(tail), 4) if tail else None,
+            "nonfinite_steps": nonfinite_steps,
+        }
+
+
+class TrainLog:
+    """The record of one run from iteration `start` to `total`: every rank keeps the summary; the
+    main process (rank 0) also writes the DVCLive curves in `live_dir` (continuing them on
+    resume) and shows the progress bar."""
+
+    def __init__(self, live_dir: str, main: bool, start: int, total: int, summary: dict | None = None):
+        self.summary = RunningSummary()
+        if summary is not None:
+            self.summary.load_state_dict(summary)
+        self.live = None
+        if main:
+            from dvclive import Live
+
+            self.live = Live(dir=live_dir, resume=start > 0, save_dvc_exp=False, dvcyaml=False)
+            if start > 0:
+                self.live.step = start
+        self.bar = tqdm(total=total, initial=start, desc="train", unit="it", disable=not main)
+
+    def step(
+        self, iteration: int, losses: dict[str, torch.Tensor], loss: float, lr: float, grad_norm: float, seconds: float
+    ) -> None:
+        """After iteration `iteration` (counted from 1): its losses at DVCLive step iteration - 1."""
+        self.summary.add(iteration, loss, seconds)
+        if self.live is not None:
+            for key, value in losses.items():
+                self.live.log_metric(f"train/{key}", float(value.detach()))
+            self.live.log_metric("train/loss", loss)
+            self.live.log_metric("train/lr", lr)
+            self.live.log_metric("train/grad_norm", grad_norm)
+            self.live.log_metric("train/step_time_s", seconds)
+            self.live.next_step()
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+        self.bar.update()
+
+    def validation(self, iteration: int, metrics: dict[str, Any] | None, seconds: float) -> None:
+        """Validation after `iteration` (None on the ranks other than 0): at DVCLive step
+        `iteration`, beside the losses of the next forward, which sees the same weights."""
+        if metrics is None or self.live is None:
+            return
+        self.bar.write(
+            f"train: validation after iteration {iteration}: mAP {metrics['mAP']:.4f}, NDS {metrics['NDS']:.4f} "
+            f"({seconds:.1f} s)"
+        )
+        for key in VAL_METRICS:
+            self.live.log_metric(f"val/{key}", float(metrics[key]))
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.live is not None:
+            self.live.end()
