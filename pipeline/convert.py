@@ -276,8 +276,7 @@ def _annotations(
     lidar_pose: dict,
 ) -> dict[str, np.ndarray]:
     """gt_boxes (n, 7) x, y, z, l, w, h, yaw and gt_velocity (n, 2) in the LiDAR frame, counts, flags."""
-    n = len(anns)
-    if n == 0:  # the reference's arrays of an empty sample (float64 where built from empty lists)
+    if not anns:  # the reference's arrays of an empty sample (float64 where built from empty lists)
         return {
             "gt_boxes": np.zeros((0, 7)),
             "gt_velocity": np.zeros((0, 2)),
@@ -295,8 +294,24 @@ def _annotations(
     # pyquaternion's yaw_pitch_roll[0] (the reference's yaw) is the last intrinsic x-y-z Euler angle,
     # not the z-y-x yaw: they differ on tilted poses (tests/test_convert.py's variant).
     yaw = (global_to_lidar * _rotation(rot)).as_euler("XYZ")[:, 2]
-    # Velocity as the devkit's box_velocity: centred difference over prev/next annotations.
-    velocity = np.full((n, 3), np.nan)
+    # global -> lidar rotation only (a velocity is a direction), as the reference does.
+    velocity_lidar = (_global_velocities(anns, ann_by_token, sample_time) @ e2g_r) @ l2e_r
+    num_lidar = np.array([a["num_lidar_pts"] for a in anns])
+    num_radar = np.array([a["num_radar_pts"] for a in anns])
+    return {
+        "gt_boxes": np.concatenate([centre_lidar, wlh[:, [1, 0, 2]], yaw[:, None]], axis=1),
+        "gt_velocity": velocity_lidar[:, :2],
+        "num_lidar_pts": num_lidar,
+        "num_radar_pts": num_radar,
+        "valid_flag": (num_lidar + num_radar) > 0,
+    }
+
+
+def _global_velocities(anns: list[dict], ann_by_token: dict[str, dict], sample_time: dict[str, int]) -> np.ndarray:
+    """(n, 3) global velocities as the devkit's box_velocity: a centred difference over the
+    prev/next annotations (one-sided at a track's ends), NaN for a single annotation or a gap
+    over MAX_VELOCITY_DT; z set to 0."""
+    velocity = np.full((len(anns), 3), np.nan)
     for i, a in enumerate(anns):
         prev = ann_by_token[a["prev"]] if a["prev"] else a
         nxt = ann_by_token[a["next"]] if a["next"] else a
@@ -307,17 +322,7 @@ def _annotations(
         if dt <= limit:
             velocity[i] = (np.asarray(nxt["translation"]) - np.asarray(prev["translation"])) / dt
     velocity[:, 2] = 0.0
-    # global -> lidar rotation only (a velocity is a direction), as the reference does.
-    velocity_lidar = (velocity @ e2g_r) @ l2e_r
-    num_lidar = np.array([a["num_lidar_pts"] for a in anns])
-    num_radar = np.array([a["num_radar_pts"] for a in anns])
-    return {
-        "gt_boxes": np.concatenate([centre_lidar, wlh[:, [1, 0, 2]], yaw[:, None]], axis=1),
-        "gt_velocity": velocity_lidar[:, :2],
-        "num_lidar_pts": num_lidar,
-        "num_radar_pts": num_radar,
-        "valid_flag": (num_lidar + num_radar) > 0,
-    }
+    return velocity
 
 
 def summarize(result: dict[str, dict[str, Any]], root: str | os.PathLike, version: str) -> dict[str, dict[str, Any]]:
