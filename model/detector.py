@@ -14,6 +14,7 @@ from mmdet.models.necks import FPN
 
 from model.blocks import DenseDepthNet, GridMask
 from model.head import Sparse4DHead
+from model.losses import SigmoidFocalLoss
 from model.target import SparseBox3DTarget
 from pipeline.settings import CLASSES
 
@@ -118,6 +119,25 @@ class Sparse4D(nn.Module):
         return ignored
 
 
+# The reference's loss and matching weights (model.loss / model.matching in params.yaml); per-dimension
+# weights over the encoded box x, y, z, log w, log l, log h, sin yaw, cos yaw, vx, vy.
+LOSS_DEFAULTS: dict[str, Any] = {
+    "cls_weight": 2.0,
+    "focal_gamma": 2.0,
+    "focal_alpha": 0.25,
+    "box_weight": 0.25,
+    "reg_weights": [2.0] * 3 + [1.0] * 7,
+    "cls_threshold_to_reg": 0.05,
+}
+MATCHING_DEFAULTS: dict[str, Any] = {
+    "cls_weight": 2.0,
+    "box_weight": 0.25,
+    "reg_weights": [2.0] * 3 + [0.5] * 3 + [0.0] * 4,
+    "cone_reg_weights": [2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0],
+    "dn_noise_scale": [2.0] * 3 + [0.5] * 7,
+}
+
+
 def build_model(cfg: dict[str, Any], anchor: np.ndarray | None = None) -> Sparse4D:
     """The detector from the `model` section of params.yaml.
 
@@ -149,15 +169,18 @@ def build_model(cfg: dict[str, Any], anchor: np.ndarray | None = None) -> Sparse
         relu_before_extra_convs=True,
     )
     classes = list(cfg.get("classes", CLASSES))
-    cone = [2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    loss = {**LOSS_DEFAULTS, **cfg.get("loss", {})}
+    matching = {**MATCHING_DEFAULTS, **cfg.get("matching", {})}
     target_assigner = SparseBox3DTarget(
-        cls_weight=2.0,
-        box_weight=0.25,
-        reg_weights=[2.0] * 3 + [0.5] * 3 + [0.0] * 4,
-        cls_wise_reg_weights={classes.index("traffic_cone"): cone} if "traffic_cone" in classes else None,
+        cls_weight=float(matching["cls_weight"]),
+        box_weight=float(matching["box_weight"]),
+        reg_weights=[float(w) for w in matching["reg_weights"]],
+        cls_wise_reg_weights={classes.index("traffic_cone"): [float(w) for w in matching["cone_reg_weights"]]}
+        if "traffic_cone" in classes
+        else None,
         num_dn_groups=int(cfg.get("num_dn_groups", 5)),
         num_temp_dn_groups=int(cfg.get("num_temp_dn_groups", 3)),
-        dn_noise_scale=[2.0] * 3 + [0.5] * 7,
+        dn_noise_scale=[float(w) for w in matching["dn_noise_scale"]],
         max_dn_gt=int(cfg.get("max_dn_gt", 32)),
         add_neg_dn=True,
     )
@@ -177,7 +200,12 @@ def build_model(cfg: dict[str, Any], anchor: np.ndarray | None = None) -> Sparse
         num_learnable_pts=int(cfg.get("num_learnable_pts", 6)),
         fix_scale=FIX_SCALE,
         target_assigner=target_assigner,
-        cls_threshold_to_reg=0.05,
+        reg_weights=[float(w) for w in loss["reg_weights"]],
+        cls_threshold_to_reg=float(loss["cls_threshold_to_reg"]),
+        loss_cls=SigmoidFocalLoss(
+            gamma=float(loss["focal_gamma"]), alpha=float(loss["focal_alpha"]), loss_weight=float(loss["cls_weight"])
+        ),
+        box_loss_weight=float(loss["box_weight"]),
         cls_allow_reverse=[classes.index("barrier")] if "barrier" in classes else None,
         num_output=int(cfg.get("num_output", 300)),
         correct_projected_yaw=bool(cfg.get("correct_projected_yaw", False)),

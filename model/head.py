@@ -68,6 +68,8 @@ class Sparse4DHead(nn.Module):
         reg_weights: list[float] | None = None,
         cls_threshold_to_reg: float = 0.05,
         cls_allow_reverse: list[int] | None = None,
+        loss_cls: nn.Module | None = None,
+        box_loss_weight: float = 0.25,
         num_output: int = 300,
         correct_projected_yaw: bool = False,
         sort_cls_scores: bool = False,
@@ -92,8 +94,8 @@ class Sparse4DHead(nn.Module):
         self.target_assigner = target_assigner if target_assigner is not None else SparseBox3DTarget()
         # Boxes out of the last decoder (the reference's `decoder`; it holds no parameters).
         self.post_processor = BoxPostProcessor(num_output=num_output, sort_cls_scores=sort_cls_scores)
-        self.loss_cls = SigmoidFocalLoss(gamma=2.0, alpha=0.25, loss_weight=2.0)
-        self.loss_reg = SparseBox3DLoss(box_weight=0.25, cls_allow_reverse=cls_allow_reverse)
+        self.loss_cls = loss_cls if loss_cls is not None else SigmoidFocalLoss(gamma=2.0, alpha=0.25, loss_weight=2.0)
+        self.loss_reg = SparseBox3DLoss(box_weight=box_loss_weight, cls_allow_reverse=cls_allow_reverse)
 
         def build(op: str) -> nn.Module:
             if op in ("temp_gnn", "gnn"):

@@ -248,6 +248,24 @@ SCHEMA: dict[str, Any] = {
         "correct_projected_yaw": Bool(),
         "sort_cls_scores": Bool(),
         "classes": List(Choice(*CLASSES), min_len=1, unique=True),
+        # The reference's loss_cls, loss_reg and head reg_weights; per-dimension weights are over the
+        # encoded box x, y, z, log w, log l, log h, sin yaw, cos yaw, vx, vy.
+        "loss": {
+            "cls_weight": Float(0.0),
+            "focal_gamma": Float(0.0),
+            "focal_alpha": Float(0.0, 1.0),
+            "box_weight": Float(0.0),
+            "reg_weights": List(Float(0.0), length=10),
+            "cls_threshold_to_reg": Float(0.0, 1.0),
+        },
+        # The reference's sampler: the Hungarian matching cost and the denoising noise.
+        "matching": {
+            "cls_weight": Float(0.0),
+            "box_weight": Float(0.0),
+            "reg_weights": List(Float(0.0), length=10),
+            "cone_reg_weights": List(Float(0.0), length=10),
+            "dn_noise_scale": List(Float(0.0), length=10),
+        },
     },
     "data": {
         "aug": {

@@ -66,6 +66,26 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "classes": None,
     "num_anchor": None,
     "anchor_file": None,
+    "loss": None,  # None: REFERENCE_LOSS
+    "matching": None,  # None: REFERENCE_MATCHING
+}
+# The reference config's loss and matching weights (sparse4dv3_temporal_r50_1x8_bs6_256x704.py: loss_cls,
+# loss_reg, reg_weights, sampler), under the names of params.yaml's model.loss / model.matching;
+# tests/test_parity_config.py reads the config file itself and checks these.
+REFERENCE_LOSS: dict[str, Any] = {
+    "cls_weight": 2.0,
+    "focal_gamma": 2.0,
+    "focal_alpha": 0.25,
+    "box_weight": 0.25,
+    "reg_weights": [2.0] * 3 + [1.0] * 7,
+    "cls_threshold_to_reg": 0.05,
+}
+REFERENCE_MATCHING: dict[str, Any] = {
+    "cls_weight": 2.0,
+    "box_weight": 0.25,
+    "reg_weights": [2.0] * 3 + [0.5] * 3 + [0.0] * 4,
+    "cone_reg_weights": CONE_REG_WEIGHTS,
+    "dn_noise_scale": [2.0] * 3 + [0.5] * 7,
 }
 # Our switches away from reference quirks (README "Fidelity") and the value that keeps the reference's maths.
 REFERENCE_SWITCHES: dict[str, Any] = {"correct_projected_yaw": False, "sort_cls_scores": False}
@@ -301,6 +321,9 @@ def reference_config(params: dict, anchor: np.ndarray, use_deformable_func: bool
     p = {**MODEL_DEFAULTS, **params}
     from model.detector import CLASSES
 
+    loss = {**REFERENCE_LOSS, **(p["loss"] or {})}
+    matching = {**REFERENCE_MATCHING, **(p["matching"] or {})}
+
     classes = list(p["classes"] or CLASSES)
     embed_dims, num_groups, num_levels = int(p["embed_dims"]), int(p["num_groups"]), int(p["num_levels"])
     num_decoder, num_single = int(p["num_decoder"]), int(p["num_single_frame_decoder"])
@@ -313,7 +336,7 @@ def reference_config(params: dict, anchor: np.ndarray, use_deformable_func: bool
     multi = (["temp_gnn"] if temporal else []) + single
     head = dict(
         type="Sparse4DHead",
-        cls_threshold_to_reg=0.05,
+        cls_threshold_to_reg=float(loss["cls_threshold_to_reg"]),
         decouple_attn=True,
         instance_bank=dict(
             type="InstanceBank",
@@ -374,26 +397,32 @@ def reference_config(params: dict, anchor: np.ndarray, use_deformable_func: bool
             type="SparseBox3DTarget",
             num_dn_groups=int(p["num_dn_groups"]),
             num_temp_dn_groups=int(p["num_temp_dn_groups"]),
-            dn_noise_scale=[2.0] * 3 + [0.5] * 7,
+            dn_noise_scale=list(matching["dn_noise_scale"]),
             max_dn_gt=int(p["max_dn_gt"]),
             add_neg_dn=True,
-            cls_weight=2.0,
-            box_weight=0.25,
-            reg_weights=[2.0] * 3 + [0.5] * 3 + [0.0] * 4,
-            cls_wise_reg_weights={classes.index("traffic_cone"): CONE_REG_WEIGHTS}
+            cls_weight=float(matching["cls_weight"]),
+            box_weight=float(matching["box_weight"]),
+            reg_weights=list(matching["reg_weights"]),
+            cls_wise_reg_weights={classes.index("traffic_cone"): list(matching["cone_reg_weights"])}
             if "traffic_cone" in classes
             else None,
         ),
-        loss_cls=dict(type="FocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=2.0),
+        loss_cls=dict(
+            type="FocalLoss",
+            use_sigmoid=True,
+            gamma=float(loss["focal_gamma"]),
+            alpha=float(loss["focal_alpha"]),
+            loss_weight=float(loss["cls_weight"]),
+        ),
         loss_reg=dict(
             type="SparseBox3DLoss",
-            loss_box=dict(type="L1Loss", loss_weight=0.25),
+            loss_box=dict(type="L1Loss", loss_weight=float(loss["box_weight"])),
             loss_centerness=dict(type="CrossEntropyLoss", use_sigmoid=True),
             loss_yawness=dict(type="GaussianFocalLoss"),
             cls_allow_reverse=[classes.index("barrier")] if "barrier" in classes else None,
         ),
         decoder=dict(type="SparseBox3DDecoder", num_output=int(p["num_output"])),
-        reg_weights=[2.0] * 3 + [1.0] * 7,
+        reg_weights=list(loss["reg_weights"]),
     )
     depth = int(p["depth"])
     num_depth_layers = int(p["num_depth_layers"])
