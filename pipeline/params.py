@@ -1,7 +1,5 @@
 """Reading params.yaml: the whole file checked against pipeline.settings.SCHEMA, then a section.
-
-The atomic writers live in pipeline.files; `write_bytes_atomic` and `write_json_atomic` are
-re-exported here for the modules that still import them from this one."""
+(The atomic writers are in pipeline.files.)"""
 
 from __future__ import annotations
 
@@ -11,10 +9,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.files import write_bytes_atomic, write_json_atomic
 from pipeline.settings import params_problems
-
-__all__ = ["ParamsError", "load_params", "read_params", "write_bytes_atomic", "write_json_atomic"]
 
 
 class ParamsError(ValueError):

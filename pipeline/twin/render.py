@@ -115,6 +115,18 @@ class CameraRenderer:
             return None
         return poly[:, :2] / poly[:, 2:3] * np.diag(self.intrinsic)[:2] + self.intrinsic[:2, 2]
 
+    def ground_image(self, ego_to_global: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8: the sky, and the ground as a 2 m checkerboard with a fine 0.5 m
+        texture (fixed in the global frame), hazing towards the horizon."""
+        ego_rot = ego_to_global[:2, :2].astype(np.float32)
+        g = self.ground_xy @ ego_rot.T + ego_to_global[:2, 3].astype(np.float32)  # (m, 2) global
+        checker = (np.floor(g[:, 0] / 2.0) + np.floor(g[:, 1] / 2.0)) % 2
+        cells = np.floor(g * 2.0).astype(np.int64) & 255
+        gray = 88.0 + 26.0 * checker + self.texture[cells[:, 0], cells[:, 1]]
+        image = self.background.copy()
+        image[self.ground] = np.rint(gray[:, None] * (1 - self.ground_haze) + self.ground_haze_rgb).astype(np.uint8)
+        return image
+
     def render(
         self, ego_to_global: np.ndarray, cam_to_global: np.ndarray, boxes: np.ndarray, names: list[str]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -123,16 +135,8 @@ class CameraRenderer:
         ego_to_global, cam_to_global: (4, 4) transforms; boxes: (n, 7) global boxes.
         """
         rot, origin = cam_to_global[:3, :3], cam_to_global[:3, 3]
-        ego_rot = ego_to_global[:2, :2].astype(np.float32)
-        g = self.ground_xy @ ego_rot.T + ego_to_global[:2, 3].astype(np.float32)  # (m, 2) global
-        # Ground: 2 m checkerboard with a fine 0.5 m texture, hazing towards the horizon.
-        checker = (np.floor(g[:, 0] / 2.0) + np.floor(g[:, 1] / 2.0)) % 2
-        cells = np.floor(g * 2.0).astype(np.int64) & 255
-        gray = 88.0 + 26.0 * checker + self.texture[cells[:, 0], cells[:, 1]]
-        image = self.background.copy()
-        image[self.ground] = np.rint(gray[:, None] * (1 - self.ground_haze) + self.ground_haze_rgb).astype(np.uint8)
+        image = self.ground_image(ego_to_global)
         depth = self.depth.copy()
-
         ids = np.full((self.height, self.width), -1, dtype=np.int32)
         area = np.zeros(len(boxes), dtype=np.int64)
         world_to_cam = rot.T
@@ -140,58 +144,87 @@ class CameraRenderer:
             corners = (box_corners(box) - origin) @ world_to_cam.T  # (8, 3) camera frame
             if (corners[:, 2] < _NEAR).all():
                 continue
-            box_rot = box_rotation(box[6])
-            half = np.array([box[4], box[3], box[5]]) / 2  # box-frame half extents (x, y, z)
+            for face in _FACES:
+                area[k] += self._paint_face((image, depth, ids), k, box, names[k], corners, face, origin, world_to_cam)
+        visible = np.bincount(ids[ids >= 0], minlength=len(boxes))
+        return image, visible, area
+
+    def _raster(
+        self, uv: np.ndarray, band_uv: np.ndarray | None
+    ) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
+        """A face's (k, 2) pixel polygon rasterised in its bounding window (u0, v0, u1, v1) on the
+        image: (h, w) paint, 0 outside the face, 1 the body, 2 the front band (polygon band_uv,
+        if any); None when no pixel of it is on the image."""
+        u0, v0 = np.floor(uv.min(0)).astype(int)
+        u1, v1 = np.ceil(uv.max(0)).astype(int)
+        u0, v0 = max(u0, 0), max(v0, 0)
+        u1, v1 = min(u1, self.width - 1), min(v1, self.height - 1)
+        if u1 < u0 or v1 < v0:
+            return None
+        mask_img = Image.new("L", (u1 - u0 + 1, v1 - v0 + 1), 0)
+        draw = ImageDraw.Draw(mask_img)
+        draw.polygon([(float(a - u0), float(b - v0)) for a, b in uv], fill=1)
+        if band_uv is not None:
+            draw.polygon([(float(a - u0), float(b - v0)) for a, b in band_uv], fill=2)
+        paint = np.asarray(mask_img)
+        if not (paint > 0).any():
+            return None
+        return (u0, v0, u1, v1), paint
+
+    def _paint_face(
+        self,
+        canvas: tuple[np.ndarray, np.ndarray, np.ndarray],
+        k: int,
+        box: np.ndarray,
+        name: str,
+        corners: np.ndarray,
+        face: tuple,
+        origin: np.ndarray,
+        world_to_cam: np.ndarray,
+    ) -> int:
+        """Z-buffers one face of box k (global (7,), (8, 3) camera-frame corners) into the canvas
+        (image, depth, object ids), its front band in a darker shade; returns the face's pixels
+        in front of the camera (occluded or not), 0 for a back face or one out of sight."""
+        image, depth, ids = canvas
+        idx, normal = face
+        box_rot = box_rotation(box[6])
+        half = np.array([box[4], box[3], box[5]]) / 2  # box-frame half extents (x, y, z)
+        normal_g = box_rot @ np.array(normal)
+        centre_g = box[:3] + box_rot @ (np.array(normal) * half)
+        if normal_g @ (origin - centre_g) <= 0:
+            return 0  # back face
+        uv = self._pixels(corners[list(idx)])
+        if uv is None:
+            return 0
+        band_uv = None
+        if name not in DIRECTION_FREE and normal[0] >= 0:
             # The band's lower bounds in the box frame; a face's part on the band is the face with
             # its corners' x and z raised to them (for every face but the back one).
             band_low = np.array([FRONT_X * box[4], -np.inf, FRONT_Z * box[5]])
-            directed = names[k] not in DIRECTION_FREE
-            for idx, normal in _FACES:
-                normal_g = box_rot @ np.array(normal)
-                centre_g = box[:3] + box_rot @ (np.array(normal) * half)
-                if normal_g @ (origin - centre_g) <= 0:
-                    continue  # back face
-                uv = self._pixels(corners[list(idx)])
-                if uv is None:
-                    continue
-                u0, v0 = np.floor(uv.min(0)).astype(int)
-                u1, v1 = np.ceil(uv.max(0)).astype(int)
-                u0, v0 = max(u0, 0), max(v0, 0)
-                u1, v1 = min(u1, self.width - 1), min(v1, self.height - 1)
-                if u1 < u0 or v1 < v0:
-                    continue
-                mask_img = Image.new("L", (u1 - u0 + 1, v1 - v0 + 1), 0)
-                draw = ImageDraw.Draw(mask_img)
-                draw.polygon([(float(a - u0), float(b - v0)) for a, b in uv], fill=1)
-                band_uv = None
-                if directed and normal[0] >= 0:
-                    band_local = np.maximum(_SIGNS[list(idx)] * half, band_low)  # (4, 3)
-                    band_uv = self._pixels((band_local @ box_rot.T + box[:3] - origin) @ world_to_cam.T)
-                    if band_uv is not None:
-                        draw.polygon([(float(a - u0), float(b - v0)) for a, b in band_uv], fill=2)
-                paint = np.asarray(mask_img)  # 0 outside the face, 1 body, 2 front band
-                mask = paint > 0
-                if not mask.any():
-                    continue
-                normal_c = world_to_cam @ normal_g
-                point_c = (centre_g - origin) @ world_to_cam.T
-                rays = self.rays[v0 : v1 + 1, u0 : u1 + 1]
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    z = (normal_c @ point_c) / (rays @ normal_c.astype(np.float32))
-                region = depth[v0 : v1 + 1, u0 : u1 + 1]
-                mask &= (z > 0) & np.isfinite(z)
-                area[k] += int(mask.sum())
-                front = mask & (z < region)
-                region[front] = z[front]
-                lit = max(0.0, float(normal_g @ _LIGHT))
-                pixels = image[v0 : v1 + 1, u0 : u1 + 1]
-                pixels[front] = np.rint(class_rgb(names[k], _BODY_SHADE[0] + _BODY_SHADE[1] * lit)).astype(np.uint8)
-                if band_uv is not None:
-                    band_rgb = class_rgb(names[k], _FRONT_SHADE[0] + _FRONT_SHADE[1] * lit)
-                    pixels[front & (paint == 2)] = np.rint(band_rgb).astype(np.uint8)
-                ids[v0 : v1 + 1, u0 : u1 + 1][front] = k
-        visible = np.bincount(ids[ids >= 0], minlength=len(boxes))
-        return image, visible, area
+            band_local = np.maximum(_SIGNS[list(idx)] * half, band_low)  # (4, 3)
+            band_uv = self._pixels((band_local @ box_rot.T + box[:3] - origin) @ world_to_cam.T)
+        raster = self._raster(uv, band_uv)
+        if raster is None:
+            return 0
+        (u0, v0, u1, v1), paint = raster
+        mask = paint > 0
+        normal_c = world_to_cam @ normal_g
+        point_c = (centre_g - origin) @ world_to_cam.T
+        rays = self.rays[v0 : v1 + 1, u0 : u1 + 1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = (normal_c @ point_c) / (rays @ normal_c.astype(np.float32))
+        region = depth[v0 : v1 + 1, u0 : u1 + 1]
+        mask &= (z > 0) & np.isfinite(z)
+        front = mask & (z < region)
+        region[front] = z[front]
+        lit = max(0.0, float(normal_g @ _LIGHT))
+        pixels = image[v0 : v1 + 1, u0 : u1 + 1]
+        pixels[front] = np.rint(class_rgb(name, _BODY_SHADE[0] + _BODY_SHADE[1] * lit)).astype(np.uint8)
+        if band_uv is not None:
+            band_rgb = class_rgb(name, _FRONT_SHADE[0] + _FRONT_SHADE[1] * lit)
+            pixels[front & (paint == 2)] = np.rint(band_rgb).astype(np.uint8)
+        ids[v0 : v1 + 1, u0 : u1 + 1][front] = k
+        return int(mask.sum())
 
 
 def lidar_rays(azimuth_steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -205,6 +238,53 @@ def lidar_rays(azimuth_steps: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 _INTENSITY = {name: 20.0 + 9.0 * i for i, name in enumerate(CLASS_SPECS)}
+
+
+def _box_columns(
+    box: np.ndarray, origin: np.ndarray, rel_centre: np.ndarray, sensor_yaw: float, azimuth_steps: int
+) -> np.ndarray:
+    """The azimuth columns (indices into 0..azimuth_steps-1) whose rays can hit a (7,) global box:
+    those within the box's angular extent seen from the sensor `origin`, one column of margin."""
+    c, s = np.cos(box[6]), np.sin(box[6])
+    corners = (
+        box[:2, None]
+        + np.array([[c, s], [-s, c]]).T
+        @ (np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]]) * np.array([box[4], box[3]]) / 2).T
+    )
+    corner_ang = np.arctan2(corners[1] - origin[1], corners[0] - origin[0])
+    centre_ang = np.arctan2(rel_centre[1], rel_centre[0])
+    rel_ang = (corner_ang - centre_ang + np.pi) % (2 * np.pi) - np.pi
+    if np.ptp(rel_ang) > np.pi - 0.1:
+        return np.arange(azimuth_steps)
+    lo = centre_ang + rel_ang.min() - sensor_yaw
+    hi = centre_ang + rel_ang.max() - sensor_yaw
+    step = 2 * np.pi / azimuth_steps
+    first = int(np.floor((lo + np.pi) / step)) - 1
+    last = int(np.ceil((hi + np.pi) / step)) + 1
+    return np.arange(first, last + 1) % azimuth_steps
+
+
+def _box_hits(box: np.ndarray, origin: np.ndarray, rays: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where (m, 3) global ray directions from `origin` enter a (7,) box (slab test in the box
+    frame): the ray parameter of the point placed just inside, (m, 3) that point in the box frame,
+    and (m,) whether the ray hits at all with the point at least 1 mm inside every face (grazing
+    rays pass), so a point's inside-or-outside never hangs on float rounding."""
+    c, s = np.cos(box[6]), np.sin(box[6])
+    rel = origin - box[:3]
+    o_l = np.array([c * rel[0] + s * rel[1], -s * rel[0] + c * rel[1], rel[2]])
+    d_l = np.stack([c * rays[:, 0] + s * rays[:, 1], -s * rays[:, 0] + c * rays[:, 1], rays[:, 2]], 1)
+    half = np.array([box[4], box[3], box[5]]) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t1 = (-half - o_l) / d_l
+        t2 = (half - o_l) / d_l
+    t_in = np.nanmax(np.minimum(t1, t2), axis=1)
+    t_out = np.nanmin(np.maximum(t1, t2), axis=1)
+    t_hit = t_in + np.minimum(0.02, (t_out - t_in) / 2)
+    with np.errstate(invalid="ignore"):
+        local = o_l + d_l * t_hit[:, None]  # (m, 3) box frame
+        inner = (half - np.abs(local)).min(axis=1)
+        hits = (t_out > t_in) & (t_in > 0) & (inner > 1e-3)
+    return t_hit, local, hits
 
 
 def cast_lidar(
@@ -228,47 +308,14 @@ def cast_lidar(
         sensor_yaw = np.arctan2(rot[1, 0], rot[0, 0])
         azimuth_steps = n // len(LIDAR_ELEVATIONS_DEG)
         for k in np.flatnonzero(near):
-            box = boxes[k]
-            c, s = np.cos(box[6]), np.sin(box[6])
-            # Only the rays whose azimuth falls within the box's angular extent can hit it.
-            corners = (
-                box[:2, None]
-                + np.array([[c, s], [-s, c]]).T
-                @ (np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]]) * np.array([box[4], box[3]]) / 2).T
-            )
-            corner_ang = np.arctan2(corners[1] - origin[1], corners[0] - origin[0])
-            centre_ang = np.arctan2(rel_centre[k, 1], rel_centre[k, 0])
-            rel_ang = (corner_ang - centre_ang + np.pi) % (2 * np.pi) - np.pi
-            if np.ptp(rel_ang) > np.pi - 0.1:
-                cols = np.arange(azimuth_steps)
-            else:
-                lo = centre_ang + rel_ang.min() - sensor_yaw
-                hi = centre_ang + rel_ang.max() - sensor_yaw
-                step = 2 * np.pi / azimuth_steps
-                first = int(np.floor((lo + np.pi) / step)) - 1
-                last = int(np.ceil((hi + np.pi) / step)) + 1
-                cols = np.arange(first, last + 1) % azimuth_steps
+            cols = _box_columns(boxes[k], origin, rel_centre[k], sensor_yaw, azimuth_steps)
             idx = (np.arange(len(LIDAR_ELEVATIONS_DEG))[:, None] * azimuth_steps + cols[None, :]).ravel()
-            rel = origin - box[:3]
-            o_l = np.array([c * rel[0] + s * rel[1], -s * rel[0] + c * rel[1], rel[2]])
-            dg = d_g[idx]
-            d_l = np.stack([c * dg[:, 0] + s * dg[:, 1], -s * dg[:, 0] + c * dg[:, 1], dg[:, 2]], 1)
-            half = np.array([box[4], box[3], box[5]]) / 2
-            with np.errstate(divide="ignore", invalid="ignore"):
-                t1 = (-half - o_l) / d_l
-                t2 = (half - o_l) / d_l
-            t_in = np.nanmax(np.minimum(t1, t2), axis=1)
-            t_out = np.nanmin(np.maximum(t1, t2), axis=1)
-            t_hit = t_in + np.minimum(0.02, (t_out - t_in) / 2)
-            # Keep only hits at least 1 mm inside every face (grazing rays pass), so a point's
-            # inside-or-outside never hangs on float rounding.
+            t_hit, local, hits = _box_hits(boxes[k], origin, d_g[idx])
             with np.errstate(invalid="ignore"):
-                local = o_l + d_l * t_hit[:, None]  # (m, 3) box frame
-                inner = (half - np.abs(local)).min(axis=1)
-                ok = (t_out > t_in) & (t_in > 0) & (t_hit < t_best[idx]) & (inner > 1e-3)
+                ok = hits & (t_hit < t_best[idx])
             t_best[idx[ok]] = t_hit[ok]
             hit[idx[ok]] = k
-            on_band[idx[ok]] = in_front_band(local[ok], box[3:6]) & (names[k] not in DIRECTION_FREE)
+            on_band[idx[ok]] = in_front_band(local[ok], boxes[k][3:6]) & (names[k] not in DIRECTION_FREE)
     keep = (t_best < LIDAR_MAX_RANGE) & (t_best > 1.0)
     t = t_best[keep]
     points = dirs[keep] * t[:, None]

@@ -148,7 +148,10 @@ SWEEP_DT = 0.05  # s, 20 Hz LiDAR
 
 
 def yaw_quaternion(yaw: float) -> list[float]:
-    """[w, x, y, z] of a rotation about z, as nuScenes stores rotations."""
+    """[w, x, y, z] of a rotation about z, as nuScenes stores rotations.
+
+    Not pyquaternion's axis-angle constructor: it gives -0.0 for x and y at negative angles,
+    which would change the bytes of the twin's tables."""
     return [math.cos(yaw / 2.0), 0.0, 0.0, math.sin(yaw / 2.0)]
 
 
@@ -265,6 +268,35 @@ def _overlaps(box: np.ndarray, others: np.ndarray) -> bool:
 EGO_SIZE = (1.73, 4.08, 1.56)
 
 
+def _draw_object(rng: np.random.Generator, name: str, near: bool, ego_travel: float) -> SceneObject:
+    """One candidate object of a class: category, size, lane, motion and where along the road.
+
+    Somewhere the ego will pass within sight of during the scene (it travels `ego_travel` metres);
+    `near`: close enough to be inside every class's evaluation range (30 m at least) in some key
+    frames, so that every scene holds every class for the evaluation."""
+    spec = CLASS_SPECS[name]
+    cat = spec.categories[0] if rng.random() < 0.8 else spec.categories[int(rng.integers(len(spec.categories)))]
+    size = tuple(float(v) for v in np.array(spec.size) * rng.uniform(0.9, 1.1, 3))
+    moving = rng.random() < spec.moving_share
+    d = float(rng.choice(spec.lanes))
+    if moving:
+        speed = float(rng.uniform(*spec.speed))
+        # Traffic on the left half drives against the ego (right-hand traffic).
+        yaw_offset = math.pi if d > 0 else 0.0
+        speed = -speed if d > 0 else speed
+    else:
+        speed = 0.0
+        yaw_offset = float(rng.choice([0.0, math.pi]) + rng.normal(0.0, 0.15))
+        if name in ("traffic_cone", "pedestrian"):
+            yaw_offset = float(rng.uniform(-math.pi, math.pi))
+        d += float(rng.uniform(-0.4, 0.4))
+    if near:
+        s0 = float(rng.uniform(-12.0, ego_travel + 12.0))
+    else:
+        s0 = float(rng.uniform(-40.0, ego_travel + 45.0))
+    return SceneObject(name, cat, size, s0, d, speed, yaw_offset)
+
+
 def make_scene(index: int, name: str, num_samples: int, num_objects: int, classes: tuple[str, ...], seed: int) -> Scene:
     """Lay out one scene: an ego path and non-overlapping objects that stay clear of the ego."""
     rng = np.random.default_rng([seed, index])
@@ -276,7 +308,6 @@ def make_scene(index: int, name: str, num_samples: int, num_objects: int, classe
         curvature=float(rng.choice([-1, 1]) * rng.uniform(0.01, 0.03)) if turning else 0.0,
     )
     ego_speed = float(0.0 if rng.random() < 0.15 else rng.uniform(3.0, 10.0))
-    scene = Scene(index, name, path, ego_speed, ())
     times = np.linspace(0.0, duration, max(2, 2 * num_samples))
     inflate = np.array([0, 0, 0, 0.6, 0.6, 0, 0])
     ego = SceneObject("ego", "", EGO_SIZE, 0.0, 0.0, ego_speed, 0.0)
@@ -285,34 +316,13 @@ def make_scene(index: int, name: str, num_samples: int, num_objects: int, classe
     weights = weights / weights.sum()
     for i in range(num_objects):
         name_i = classes[i] if i < len(classes) else classes[int(rng.choice(len(classes), p=weights))]
-        spec = CLASS_SPECS[name_i]
+        # the first object of each class close to the ego path (see _draw_object)
+        near = i < len(classes)
         for _ in range(50):
-            cat = spec.categories[0] if rng.random() < 0.8 else spec.categories[int(rng.integers(len(spec.categories)))]
-            size = tuple(float(v) for v in np.array(spec.size) * rng.uniform(0.9, 1.1, 3))
-            moving = rng.random() < spec.moving_share
-            d = float(rng.choice(spec.lanes))
-            if moving:
-                speed = float(rng.uniform(*spec.speed))
-                # Traffic on the left half drives against the ego (right-hand traffic).
-                yaw_offset = math.pi if d > 0 else 0.0
-                speed = -speed if d > 0 else speed
-            else:
-                speed = 0.0
-                yaw_offset = float(rng.choice([0.0, math.pi]) + rng.normal(0.0, 0.15))
-                if name_i in ("traffic_cone", "pedestrian"):
-                    yaw_offset = float(rng.uniform(-math.pi, math.pi))
-                d += float(rng.uniform(-0.4, 0.4))
-            # Somewhere the ego will pass within sight of during the scene; the first object of
-            # each class close enough to be inside every class's evaluation range (30 m at least)
-            # in some key frames, so that every scene holds every class for the evaluation.
-            if i < len(classes):
-                s0 = float(rng.uniform(-12.0, ego_speed * duration + 12.0))
-            else:
-                s0 = float(rng.uniform(-40.0, ego_speed * duration + 45.0))
-            obj = SceneObject(name_i, cat, size, s0, d, speed, yaw_offset)
+            obj = _draw_object(rng, name_i, near, ego_speed * duration)
             trial = Scene(index, name, path, ego_speed, (obj,))
             others = Scene(index, name, path, ego_speed, tuple(placed) + (ego,))
             if not any(_overlaps(trial.object_boxes(t)[0] + inflate, others.object_boxes(t) + inflate) for t in times):
                 placed.append(obj)
                 break
-    return Scene(scene.index, name, path, ego_speed, tuple(placed))
+    return Scene(index, name, path, ego_speed, tuple(placed))

@@ -453,6 +453,35 @@ def _scene_job(args: tuple[TwinConfig, int, str]) -> dict[str, list[dict]]:
     return generate_scene(*args)
 
 
+def _generate_scenes(cfg: TwinConfig, root: Path, workers: int | None) -> dict[str, list[dict]]:
+    """Every scene's files under root, in worker processes; their table records merged in scene order."""
+    jobs = [(cfg, i, str(root)) for i in range(cfg.num_scenes)]
+    workers = max(1, min(workers or os.cpu_count() or 1, cfg.num_scenes))
+    per_scene: list[dict[str, list[dict]]] = []
+    bar = tqdm(total=cfg.num_scenes, desc="synthesize scenes", unit="scene")
+    if workers == 1:
+        for job in jobs:
+            per_scene.append(_scene_job(job))
+            bar.update()
+    else:
+        with get_context("spawn").Pool(workers) as pool:
+            for tables in pool.imap(_scene_job, jobs):
+                per_scene.append(tables)
+                bar.update()
+    bar.close()
+    return {t: [r for s in per_scene for r in s[t]] for t in TABLES}
+
+
+def _write_tables(cfg: TwinConfig, root: Path, tables: dict[str, list[dict]]) -> None:
+    """The version's JSON tables and the map rasters they name."""
+    for name in TABLES:
+        with open(root / cfg.version / f"{name}.json", "w") as f:
+            json.dump(tables[name], f, indent=1)
+    for record in tables["map"]:
+        # A small semantic prior raster (drivable area everywhere), as the map table expects.
+        Image.fromarray(np.full((64, 64), 255, dtype=np.uint8)).save(root / record["filename"])
+
+
 def write_twin(cfg: TwinConfig, out: str | os.PathLike, workers: int | None = None) -> dict[str, int]:
     """Generate the twin into `out` atomically (built beside it, renamed at the end).
 
@@ -463,35 +492,12 @@ def write_twin(cfg: TwinConfig, out: str | os.PathLike, workers: int | None = No
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        for folder in [f"samples/{c.channel}" for c in CAMERAS] + [
-            "samples/LIDAR_TOP",
-            "sweeps/LIDAR_TOP",
-            "maps",
-            cfg.version,
-        ]:
+        folders = [f"samples/{c.channel}" for c in CAMERAS] + ["samples/LIDAR_TOP", "sweeps/LIDAR_TOP", "maps"]
+        for folder in folders + [cfg.version]:
             (tmp / folder).mkdir(parents=True, exist_ok=True)
-        jobs = [(cfg, i, str(tmp)) for i in range(cfg.num_scenes)]
-        workers = max(1, min(workers or os.cpu_count() or 1, cfg.num_scenes))
-        per_scene: list[dict[str, list[dict]]] = []
-        bar = tqdm(total=cfg.num_scenes, desc="synthesize scenes", unit="scene")
-        if workers == 1:
-            for job in jobs:
-                per_scene.append(_scene_job(job))
-                bar.update()
-        else:
-            with get_context("spawn").Pool(workers) as pool:
-                for tables in pool.imap(_scene_job, jobs):
-                    per_scene.append(tables)
-                    bar.update()
-        bar.close()
-        tables = {t: [r for s in per_scene for r in s[t]] for t in TABLES}
+        tables = _generate_scenes(cfg, tmp, workers)
         tables.update(_static_tables(cfg, tables["log"]))
-        for name in TABLES:
-            with open(tmp / cfg.version / f"{name}.json", "w") as f:
-                json.dump(tables[name], f, indent=1)
-        for record in tables["map"]:
-            # A small semantic prior raster (drivable area everywhere), as the map table expects.
-            Image.fromarray(np.full((64, 64), 255, dtype=np.uint8)).save(tmp / record["filename"])
+        _write_tables(cfg, tmp, tables)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
