@@ -1,9 +1,9 @@
 """The training loop: one process per device (torchrun starts them), resumable, logged with DVCLive.
 
-`train` builds the pieces (data, model, optimiser, learning-rate schedule, loss scaler), resumes
-them from the last checkpoint when there is one of these settings (pipeline.checkpoint), then
-runs the loop: take a batch, `train_step`, advance the schedule, log (pipeline.live), now and
-then validate and checkpoint. Resume is exact on CPU with a fixed seed.
+`build_run` makes the pieces (data, model, optimiser, learning-rate schedule, loss scaler);
+`train` resumes them from the last checkpoint when there is one of these settings
+(pipeline.checkpoint), then runs the loop: take a batch, `train_step`, advance the schedule, log
+(pipeline.live), now and then validate and checkpoint. Resume is exact on CPU with a fixed seed.
 
 With train.eval_interval > 0 the weights are scored on the val split every that many iterations
 (pipeline.evaluate.validate), logged as val/mAP, val/NDS, ... beside the losses; the temporal
@@ -16,6 +16,7 @@ import math
 import random
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.devices import Dist, amp_dtype, grad_scaler, init_distributed, resolve_device, to_device
 from pipeline.files import sha256_of, write_json_atomic
-from pipeline.live import VAL_METRICS, TrainLog
+from pipeline.live import TrainLog
 from pipeline.settings import REFERENCE_BATCH, identity_params
 
 
@@ -266,23 +267,31 @@ def advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
         scheduler.step()
 
 
-def train(
-    params: dict,
-    infos: str,
-    anchors: str,
-    backbone_manifest: str,
-    out_dir: str,
-    metrics_path: str,
-    live_dir: str,
-    val_infos: str = "data/infos/nuscenes_infos_val.pkl",
-) -> dict:
-    """Run (or resume) training with the `train`, `model` and `data` sections of params; with
-    train.eval_interval > 0, validate on `val_infos` (and the `convert` section's dataset) too.
-    Writes out_dir/model.pth and the summary (metrics_path, also returned; {} on ranks > 0)."""
+@dataclass
+class Run:
+    """One training process's pieces, as `build_run` makes them from the params."""
+
+    dist: Dist
+    device_type: str
+    total_batch: int
+    max_iters: int
+    dataset: Any
+    val_dataset: Any  # None without validation (train.eval_interval 0)
+    fingerprint: str  # of the settings, inputs and code: a checkpoint of other ones is not resumed
+    model: torch.nn.Module
+    ddp: torch.nn.Module  # the model, wrapped in DistributedDataParallel with more than one process
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: Any
+    static_scale: float | None  # train.loss_scale, None: dynamic
+
+
+def build_run(params: dict, infos: str, anchors: str, backbone_manifest: str, val_infos: str) -> Run:
+    """Check the inputs, seed every RNG, and make the datasets, model, optimiser, schedule and
+    loss scaler (in this order: the model's initial weights come from the seeded torch RNG)."""
     tp, mp, dp = params["train"], params["model"], params["data"]
     device_type = resolve_device(str(tp["device"]))
     dist = init_distributed(device_type)
-    out = Path(out_dir)
     for path, what in ((infos, "train info pkl (run the convert stage)"), (anchors, "anchors (run the anchors stage)")):
         if not Path(path).is_file():
             raise TrainError(f"{path}: {what} not found")
@@ -298,10 +307,8 @@ def train(
     np.random.seed(seed + dist.rank)
     torch.manual_seed(seed + dist.rank)
 
-    # ------------------------------------------------------------------ the pieces
     dataset = training_dataset(params, infos)
-    eval_interval = int(tp["eval_interval"])
-    val_dataset = validation_dataset(params, val_infos) if eval_interval > 0 else None
+    val_dataset = validation_dataset(params, val_infos) if int(tp["eval_interval"]) > 0 else None
     max_iters = int(tp["iterations"]) or int(float(tp["epochs"]) * max(1, len(dataset) // total_batch))
     anchor = load_anchors(anchors, mp)
     fingerprint = config_fingerprint(
@@ -327,49 +334,72 @@ def train(
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if device_type != "cpu" else None
         )
+    return Run(
+        dist, device_type, total_batch, max_iters, dataset, val_dataset, fingerprint, model, ddp, optimizer,
+        scheduler, scaler, static_scale,
+    )  # fmt: skip
 
-    # ------------------------------------------------------------------ resume
+
+def train(
+    params: dict,
+    infos: str,
+    anchors: str,
+    backbone_manifest: str,
+    out_dir: str,
+    metrics_path: str,
+    live_dir: str,
+    val_infos: str = "data/infos/nuscenes_infos_val.pkl",
+) -> dict:
+    """Run (or resume) training with the `train`, `model` and `data` sections of params; with
+    train.eval_interval > 0, validate on `val_infos` (and the `convert` section's dataset) too.
+    Writes out_dir/model.pth and the summary (metrics_path, also returned; {} on ranks > 0)."""
+    tp = params["train"]
+    run = build_run(params, infos, anchors, backbone_manifest, val_infos)
+    dist, model, scheduler = run.dist, run.model, run.scheduler
+    out = Path(out_dir)
     checkpointer = Checkpointer(
-        out / "checkpoints" / "latest.pth", fingerprint, dist, model, optimizer, scheduler, scaler
+        out / "checkpoints" / "latest.pth", run.fingerprint, dist, model, run.optimizer, scheduler, run.scaler
     )
-    resumed = checkpointer.resume(max_iters) or {"iteration": 0, "sampler_batches": 0, "counters": {}}
-    start = resumed["iteration"]
-    counters = resumed["counters"]
-    loader = training_loader(dataset, params, dist, total_batch // dist.world_size, skip=resumed["sampler_batches"])
-    log = TrainLog(live_dir, dist.main, start, max_iters, counters.get("summary"))
+    resumed = checkpointer.resume(run.max_iters) or {"iteration": 0, "sampler_batches": 0, "counters": {}}
+    start, counters = resumed["iteration"], resumed["counters"]
+    batch_size = run.total_batch // dist.world_size
+    loader = training_loader(run.dataset, params, dist, batch_size, skip=resumed["sampler_batches"])
+    log = TrainLog(live_dir, dist.main, start, run.max_iters, counters.get("summary"))
     nonfinite = NonFiniteSteps(int(tp["max_nonfinite_steps"]), counters.get("nonfinite_total", 0))
-    ddp.train()
+    run.ddp.train()
     data = iter(loader)
     if "rng" in resumed:
         set_rng_state(resumed["rng"])  # after iter(loader): creating the iterator draws a seed
 
-    # ------------------------------------------------------------------ the loop
-    checkpoint_interval, grad_clip = int(tp["checkpoint_interval"]), float(tp["grad_clip"])
-    for it in range(start + 1, max_iters + 1):  # `it`: the iteration being run, counted from 1
+    eval_interval, checkpoint_interval = int(tp["eval_interval"]), int(tp["checkpoint_interval"])
+    grad_clip = float(tp["grad_clip"])
+    for it in range(start + 1, run.max_iters + 1):  # `it`: the iteration being run, counted from 1
         t0 = time.perf_counter()
         batch = to_device(next(data), dist.device, non_blocking=True)
-        lr_now = scheduler.get_last_lr()[-1]  # the head's group: train.lr x the schedule's factor
-        losses, loss, grad_norm, finite = train_step(ddp, batch, optimizer, scaler, grad_clip, static_scale, dist)
+        lr = scheduler.get_last_lr()[-1]  # the head's group: train.lr x the schedule's factor
+        losses, loss, grad_norm, finite = train_step(
+            run.ddp, batch, run.optimizer, run.scaler, grad_clip, run.static_scale, dist
+        )
         advance_schedule(scheduler)
         nonfinite.update(finite, it - 1)
-        log.step(it, losses, float(loss.detach()), lr_now, float(grad_norm), time.perf_counter() - t0)
-        if val_dataset is not None and it % eval_interval == 0:
+        log.step(it, losses, float(loss.detach()), lr, float(grad_norm), time.perf_counter() - t0)
+        if run.val_dataset is not None and it % eval_interval == 0:
             t0 = time.perf_counter()
-            metrics = validate_between_steps(model, val_dataset, params["convert"], dist)
+            metrics = validate_between_steps(model, run.val_dataset, params["convert"], dist)
             log.validation(it, metrics, time.perf_counter() - t0)
-        if it % checkpoint_interval == 0 or it == max_iters:
+        if it % checkpoint_interval == 0 or it == run.max_iters:
             summary = log.summary.state_dict()
             checkpointer.save(it, sampler_batches=it, nonfinite_total=nonfinite.total, summary=summary)
 
-    # ------------------------------------------------------------------ the trained model
     summary = {}
     if dist.main:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         # fast_images: the image path it was trained on, so evaluation uses the same one (a checkpoint
         # from elsewhere, without the key, is evaluated on the reference's exact images)
-        meta = {"model": dict(mp), "iteration": max(start, max_iters), "fast_images": bool(dp["fast_images"])}
+        meta = {"model": dict(params["model"]), "iteration": max(start, run.max_iters)}
+        meta["fast_images"] = bool(params["data"]["fast_images"])
         save_atomic(out / "model.pth", {"state_dict": state, **meta})
-        summary = log.summary.result(total_batch, dist.world_size, device_type, nonfinite.total)
+        summary = log.summary.result(run.total_batch, dist.world_size, run.device_type, nonfinite.total)
         write_json_atomic(metrics_path, summary)
     log.close()
     if dist.world_size > 1:

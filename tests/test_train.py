@@ -24,7 +24,8 @@ from model.detector import CLASSES
 from pipeline.anchors import kmeans_anchors
 from pipeline.convert import convert
 from pipeline.devices import DeviceError
-from pipeline.train import VAL_METRICS, TrainError, adamw, advance_schedule, lr_factor, lr_schedule, train
+from pipeline.live import VAL_METRICS
+from pipeline.train import TrainError, adamw, advance_schedule, lr_factor, lr_schedule, train
 from tests.conftest import ROOT
 
 TINY_MODEL = dict(
