@@ -29,6 +29,7 @@ CAMERA_GRID = (
 )
 GT_RGB = (255, 255, 255)
 BACKGROUND = "#1e1e1e"
+LINE_GREY, EGO_GREY, TICK_GREY, TEXT_GREY = "#555555", "#bbbbbb", "#aaaaaa", "#dddddd"  # matplotlib pictures
 # tab20 without its two greys (too close to the ground truth's white): one colour per track id
 PALETTE = [
     (31, 119, 180), (174, 199, 232), (255, 127, 14), (255, 187, 120), (44, 160, 44), (152, 223, 138),
@@ -54,6 +55,8 @@ BEV_RINGS = (20, 40)  # m, dotted distance rings
 EGO_FOOTPRINT = (1.9, 4.6)  # m, the ego car's width and length in the bird's-eye view
 GT_LINE, PRED_LINE = 0.9, 1.4  # bird's-eye line widths (points)
 DPI = 100  # matplotlib dots per inch for the bird's-eye view
+TRACKS_FIGSIZE, TRACKS_DPI = (14, 7.4), 90  # the tracks picture: inches, dots per inch
+TRACKS_MIN_HALF, TRACKS_MARGIN = 20.0, 6  # m: the smallest half width of a tracks panel, room around the tracks
 
 
 def color_of(key: int) -> tuple[int, int, int]:
@@ -192,6 +195,13 @@ def camera_mosaic(info: dict, gt_boxes: np.ndarray, pred_boxes: np.ndarray, colo
     return np.concatenate([rows[0], gap, rows[1]], axis=0)
 
 
+def _dark_axes(ax) -> None:
+    """Grey ticks and frame on the dark background."""
+    ax.tick_params(colors=TICK_GREY, labelsize=7)
+    for spine in ax.spines.values():
+        spine.set_color(LINE_GREY)
+
+
 def _figure_to_array(fig) -> np.ndarray:
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
@@ -214,7 +224,7 @@ def birds_eye(
     fig.patch.set_facecolor(BACKGROUND)
     ax.set_facecolor(BACKGROUND)
     for radius in BEV_RINGS:
-        ax.add_patch(plt.Circle((0, 0), radius, fill=False, color="#555555", linewidth=0.6, linestyle=":"))
+        ax.add_patch(plt.Circle((0, 0), radius, fill=False, color=LINE_GREY, linewidth=0.6, linestyle=":"))
     if len(gt_boxes):
         ax.add_collection(LineCollection(list(view(footprints(gt_boxes))), colors="white", linewidths=GT_LINE))
         ax.add_collection(LineCollection(list(view(heading_segments(gt_boxes))), colors="white", linewidths=GT_LINE))
@@ -223,14 +233,12 @@ def birds_eye(
         ax.add_collection(LineCollection(list(view(footprints(pred_boxes))), colors=rgb, linewidths=PRED_LINE))
         ax.add_collection(LineCollection(list(view(heading_segments(pred_boxes))), colors=rgb, linewidths=PRED_LINE))
     ego_w, ego_l = EGO_FOOTPRINT
-    ax.add_patch(plt.Rectangle((-ego_w / 2, -ego_l / 2), ego_w, ego_l, color="#bbbbbb"))  # forward up
+    ax.add_patch(plt.Rectangle((-ego_w / 2, -ego_l / 2), ego_w, ego_l, color=EGO_GREY))  # forward up
     ax.set_xlim(-extent, extent)
     ax.set_ylim(-extent, extent)
     ax.set_aspect("equal")
-    ax.tick_params(colors="#aaaaaa", labelsize=7)
-    for spine in ax.spines.values():
-        spine.set_color("#555555")
-    ax.set_title("bird's-eye view, ego frame (m), forward up", color="#dddddd", fontsize=9)
+    _dark_axes(ax)
+    ax.set_title("bird's-eye view, ego frame (m), forward up", color=TEXT_GREY, fontsize=9)
     fig.tight_layout(pad=0.4)
     out = _figure_to_array(fig)
     plt.close(fig)
@@ -298,13 +306,13 @@ def draw_tracks(scene_infos: list[dict], gt_tracks: dict, pred_tracks: dict, pat
     points = [ego] + [np.array([b[:2] for _, b in t]) for tracks in (gt_tracks, pred_tracks) for t in tracks.values()]
     allxy = np.concatenate(points, axis=0)
     centre = (allxy.min(axis=0) + allxy.max(axis=0)) / 2
-    half = max(20.0, float((allxy.max(axis=0) - allxy.min(axis=0)).max()) / 2 + 6)
-    fig, axes = plt.subplots(1, 2, figsize=(14, 7.4), dpi=90)
+    half = max(TRACKS_MIN_HALF, float((allxy.max(axis=0) - allxy.min(axis=0)).max()) / 2 + TRACKS_MARGIN)
+    fig, axes = plt.subplots(1, 2, figsize=TRACKS_FIGSIZE, dpi=TRACKS_DPI)
     fig.patch.set_facecolor(BACKGROUND)
     for ax, tracks, name in ((axes[0], gt_tracks, "ground truth"), (axes[1], pred_tracks, "prediction")):
         ax.set_facecolor(BACKGROUND)
-        ax.plot(ego[:, 0], ego[:, 1], color="#bbbbbb", linestyle="--", linewidth=1.2, label="ego path")
-        ax.plot(ego[-1:, 0], ego[-1:, 1], marker="s", color="#bbbbbb", markersize=5)
+        ax.plot(ego[:, 0], ego[:, 1], color=EGO_GREY, linestyle="--", linewidth=1.2, label="ego path")
+        ax.plot(ego[-1:, 0], ego[-1:, 1], marker="s", color=EGO_GREY, markersize=5)
         for track_id, track in sorted(tracks.items()):
             rgb = tuple(c / 255 for c in color_of(track_id))
             boxes = np.array([b for _, b in sorted(track, key=lambda fb: fb[0])], np.float64)
@@ -315,14 +323,12 @@ def draw_tracks(scene_infos: list[dict], gt_tracks: dict, pred_tracks: dict, pat
         ax.set_xlim(centre[0] - half, centre[0] + half)
         ax.set_ylim(centre[1] - half, centre[1] + half)
         ax.set_aspect("equal")
-        ax.tick_params(colors="#aaaaaa", labelsize=7)
-        for spine in ax.spines.values():
-            spine.set_color("#555555")
-        ax.set_title(f"{name}: {len(tracks)} tracks over {len(scene_infos)} frames", color="#dddddd", fontsize=10)
-        ax.legend(loc="upper left", fontsize=7, facecolor=BACKGROUND, labelcolor="#dddddd", edgecolor="#555555")
+        _dark_axes(ax)
+        ax.set_title(f"{name}: {len(tracks)} tracks over {len(scene_infos)} frames", color=TEXT_GREY, fontsize=10)
+        ax.legend(loc="upper left", fontsize=7, facecolor=BACKGROUND, labelcolor=TEXT_GREY, edgecolor=LINE_GREY)
     fig.suptitle(
         f"{title}  (global frame, m; a colour and label per track id, dots per frame, box and heading at the last frame)",
-        color="#dddddd",
+        color=TEXT_GREY,
         fontsize=10,
     )
     fig.tight_layout()
