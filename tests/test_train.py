@@ -161,6 +161,32 @@ def test_the_checkpoint_holds_no_images(workspace, tmp_path, monkeypatch):
     assert not any(isinstance(v, list) and len(v) >= 2 for v in ckpt["counters"].values())
 
 
+def test_the_running_summary_reports_the_whole_run_across_a_resume():
+    """metrics/train.json from the running summary (saved and loaded half-way, as on resume)
+    equals the figures of every iteration's record: step time without the first 5 iterations
+    (the first one for runs of up to 10), the mean of the last 10 finite losses."""
+    from pipeline.live import RunningSummary
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 10, 11, 30):
+        times, losses = rng.uniform(0.5, 2.0, n).tolist(), rng.uniform(5, 12, n).tolist()
+        if n > 3:
+            losses[-2] = float("nan")
+        summary = RunningSummary()
+        for i in range(n):
+            if i == n // 2:
+                state = summary.state_dict()
+                summary = RunningSummary()
+                summary.load_state_dict(state)
+            summary.add(i + 1, losses[i], times[i])
+        got = summary.result(4, 2, "cpu", 1)
+        skip = 5 if n > 10 else min(1, n - 1)
+        tail = [x for x in losses[-10:] if np.isfinite(x)]
+        assert got["step_time_s"] == pytest.approx(np.mean(times[skip:]), abs=1e-4), n
+        assert got["final_loss"] == pytest.approx(np.mean(tail), abs=1e-4), n
+        assert (got["iterations"], got["global_batch"], got["world_size"], got["nonfinite_steps"]) == (n, 4, 2, 1)
+
+
 def test_the_schedule_is_the_cosine_with_warm_up_and_resumes():
     """The LambdaLR schedule of the demo's settings gives, at every iteration, the learning rates
     of the formula (train.lr x lr_factor, the backbone's x train.backbone_lr_mult), bit for bit,
