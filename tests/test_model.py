@@ -11,6 +11,7 @@ import torch
 
 from model import build_model
 from model.head import operation_order
+from model.target import NEGATIVE_QUERY
 
 TINY = dict(
     depth=18,
@@ -135,7 +136,7 @@ def test_denoising_targets(tiny):
     # every ground truth box gets exactly one positive query per group; the rest are negatives
     for g in range(groups):
         cls = dn_cls[0, g * per_group : (g + 1) * per_group]
-        assert (cls >= 0).sum() == 5 and (cls == -3).sum() == 5
+        assert (cls >= 0).sum() == 5 and (cls == NEGATIVE_QUERY).sum() == 5
     assert valid.all()
 
 
