@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model.detector import CLASSES as DETECTION_CLASSES
 from pipeline.dataset import DEFAULT_AUG, IMG_STD, Sparse4DDataset
+from pipeline.settings import CLASSES as DETECTION_CLASSES
 
 CLASSES = list(DETECTION_CLASSES)
 

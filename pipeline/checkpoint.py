@@ -62,7 +62,8 @@ def code_digest() -> str:
     """Digest of the code a checkpoint depends on: a resumed run must run the same code."""
     root = Path(__file__).resolve().parents[1]
     files = sorted((root / "model").rglob("*.py")) + [
-        root / "pipeline" / n for n in ("train.py", "checkpoint.py", "dataset.py", "sampler.py")
+        root / "pipeline" / n
+        for n in ("train.py", "checkpoint.py", "dataset.py", "geometry.py", "sampler.py", "devices.py")
     ]
     h = hashlib.sha256()
     for f in files:

@@ -319,7 +319,7 @@ def reference_config(params: dict, anchor: np.ndarray, use_deformable_func: bool
     if switched:
         raise ValueError(f"model parameters {switched} turn off reference behaviour: no reference config matches")
     p = {**MODEL_DEFAULTS, **params}
-    from model.detector import CLASSES
+    from pipeline.settings import CLASSES
 
     loss = {**REFERENCE_LOSS, **(p["loss"] or {})}
     matching = {**REFERENCE_MATCHING, **(p["matching"] or {})}

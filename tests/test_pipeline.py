@@ -37,7 +37,18 @@ def test_fresh_clone_repro_reproduces_lock(tmp_path):
         assert lock["stages"][stage]["outs"] == committed["stages"][stage]["outs"], stage
     assert (clone / "data" / "nuscenes" / "v1.0-mini" / "sample.json").is_file()
     shown = dvc(clone, "metrics", "show").stdout
-    for name in ("boxes_used", "samples", "mAP", "NDS", "AMOTA", "AMOTP", "MOTA", "IDS", "step_time_s", "samples_per_s"):
+    for name in (
+        "boxes_used",
+        "samples",
+        "mAP",
+        "NDS",
+        "AMOTA",
+        "AMOTP",
+        "MOTA",
+        "IDS",
+        "step_time_s",
+        "samples_per_s",
+    ):
         assert name in shown, name
     metrics = json.loads((clone / "metrics" / "evaluate.json").read_text())
     assert 0.0 <= metrics["mAP"] <= 1.0 and set(metrics["per_class_AP"]) == set(

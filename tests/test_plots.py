@@ -11,7 +11,7 @@ import subprocess
 import yaml
 
 from tests.conftest import ROOT
-from tests.test_dag import dvc, project, stand_ins  # noqa: F401  (project: the fixture)
+from tests.test_dag import dvc, stand_ins
 
 TRAIN = "runs/train/live/plots/metrics/train"
 # a 1 x 1 PNG (a trailing byte after IEND tells the runs apart)

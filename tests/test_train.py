@@ -20,11 +20,11 @@ import pytest
 import torch
 import yaml
 
-from model.detector import CLASSES
 from pipeline.anchors import kmeans_anchors
 from pipeline.convert import convert
 from pipeline.devices import DeviceError
 from pipeline.live import VAL_METRICS
+from pipeline.settings import CLASSES
 from pipeline.train import TrainError, adamw, advance_schedule, lr_factor, lr_schedule, train
 from tests.conftest import ROOT
 
