@@ -173,17 +173,6 @@ class List(Spec):
         return None
 
 
-class Omittable(Spec):
-    """A key that may be left out (the code then derives the value, e.g. from a file)."""
-
-    def __init__(self, spec: Spec):
-        self.spec = spec
-        self.expected = spec.expected
-
-    def problem(self, value: Any) -> str | None:
-        return self.spec.problem(value)
-
-
 def _range(item: Spec) -> List:
     """A [low, high] pair."""
     return List(item, length=2)
@@ -192,7 +181,7 @@ def _range(item: Spec) -> List:
 DEVICE = Choice("auto", "npu", "cuda", "cpu")
 PROBABILITY = Float(0.0, 1.0)
 
-# Every key of params.yaml. A nested dict is a section; every key is required unless Omittable.
+# Every key of params.yaml. A nested dict is a section; every key is required.
 SCHEMA: dict[str, Any] = {
     "synthesize": {
         "version": Choice(*ANNOTATED_VERSIONS),
@@ -225,7 +214,6 @@ SCHEMA: dict[str, Any] = {
     },
     "model": {
         "depth": Choice(18, 34, 50, 101),
-        "num_anchor": Omittable(Int(1)),  # left out: the anchors file's rows (the train stage checks both agree)
         "with_cp": Bool(),
         "embed_dims": Int(1),
         "num_groups": Int(1),
@@ -337,11 +325,11 @@ KNOWN_KEYS = tuple(_known(SCHEMA))
 
 
 def _unknown(dotted: str, section: dict[str, Any], prefix: str) -> str:
-    """The message for an unknown key: its close matches in its section, else the same name in
-    another section (a key put under the wrong one), else the section's keys."""
+    """The message for an unknown key: the same name in another section (a key put under the wrong
+    one) and its close matches in its own section, else the section's keys."""
     leaf = dotted.rsplit(".", 1)[-1]
-    near = [prefix + k for k in difflib.get_close_matches(leaf, list(section), n=3, cutoff=0.6)]
-    near = near or [k for k in KNOWN_KEYS if k.rsplit(".", 1)[-1] == leaf]
+    elsewhere = [k for k in KNOWN_KEYS if k.rsplit(".", 1)[-1] == leaf]
+    near = elsewhere + [prefix + k for k in difflib.get_close_matches(leaf, list(section), n=3, cutoff=0.6)]
     if near:
         return f"{dotted}: unknown key (did you mean {' or '.join(near)}?)"
     known = ", ".join(prefix + k for k in section)
@@ -364,8 +352,8 @@ def _check(data: Any, schema: dict[str, Any], where: str, errors: list[str]) -> 
             problem = spec.problem(value)
             if problem:
                 errors.append(f"{dotted}: {problem}")
-    for key, spec in schema.items():
-        if key not in data and not isinstance(spec, Omittable):
+    for key in schema:
+        if key not in data:
             errors.append(f"{prefix}{key}: missing")
 
 

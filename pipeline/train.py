@@ -174,13 +174,9 @@ def training_loader(dataset: Any, params: dict, dist: Dist, batch_size: int, ski
     )
 
 
-def load_anchors(path: str, mp: dict) -> np.ndarray:
-    anchor = np.load(path)
-    if int(mp.get("num_anchor", len(anchor))) != len(anchor):
-        raise TrainError(
-            f"model.num_anchor is {mp['num_anchor']} but {path} holds {len(anchor)} anchors (anchors.num_anchor)"
-        )
-    return anchor
+def load_anchors(path: str) -> np.ndarray:
+    """The anchors stage's (num_anchor, 11) array: its rows are the model's anchors."""
+    return np.load(path)
 
 
 def training_model(mp: dict, anchor: np.ndarray, backbone_manifest: str, dist: Dist) -> torch.nn.Module:
@@ -310,7 +306,7 @@ def build_run(params: dict, infos: str, anchors: str, backbone_manifest: str, va
     dataset = training_dataset(params, infos)
     val_dataset = validation_dataset(params, val_infos) if int(tp["eval_interval"]) > 0 else None
     max_iters = int(tp["iterations"]) or int(float(tp["epochs"]) * max(1, len(dataset) // total_batch))
-    anchor = load_anchors(anchors, mp)
+    anchor = load_anchors(anchors)
     fingerprint = config_fingerprint(
         identity_params({"train": tp, "model": mp, "data": dp}),
         sha256_of(infos),

@@ -64,8 +64,6 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "use_grid_mask": True,
     "num_output": 300,
     "classes": None,
-    "num_anchor": None,
-    "anchor_file": None,
     "loss": None,  # None: REFERENCE_LOSS
     "matching": None,  # None: REFERENCE_MATCHING
 }

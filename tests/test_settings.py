@@ -110,7 +110,10 @@ def test_nested_values_and_rules_between_settings_are_checked():
     assert problems_with(lambda p: p["train"].update(node_rank=1)) == ["train.node_rank: 1 is not below train.nnodes 1"]
     # YAML 1.1 reads `1e-3` (no dot) as a string; the code's float() takes it, so the check does too.
     assert problems_with(lambda p: p["train"].update(lr="1e-3")) == []
-    assert problems_with(lambda p: p["model"].update(num_anchor=900)) == []  # may be given, or left to the file
+    # The number of anchors is the anchors stage's (anchors.num_anchor); the model takes the file's rows.
+    assert problems_with(lambda p: p["model"].update(num_anchor=900)) == [
+        "model.num_anchor: unknown key (did you mean anchors.num_anchor or model.num_decoder?)"
+    ]
 
 
 def test_launch_keys_are_train_keys():

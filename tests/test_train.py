@@ -29,7 +29,7 @@ from pipeline.train import TrainError, adamw, advance_schedule, lr_factor, lr_sc
 from tests.conftest import ROOT
 
 TINY_MODEL = dict(
-    depth=18, with_cp=False, embed_dims=32, num_groups=2, num_decoder=2, num_single_frame_decoder=1, num_anchor=20,
+    depth=18, with_cp=False, embed_dims=32, num_groups=2, num_decoder=2, num_single_frame_decoder=1,
     num_temp_instances=10, num_dn_groups=1, num_temp_dn_groups=1, max_dn_gt=8, num_depth_layers=1, use_grid_mask=True,
     classes=list(CLASSES),
 )  # fmt: skip
@@ -328,8 +328,6 @@ def test_errors_name_what_is_wrong(workspace, tmp_path, monkeypatch):
         )
     with pytest.raises(TrainError, match="no-val.pkl"):
         run_train(workspace, tmp_path, tiny_params(eval_interval=2), val_infos="data/no-val.pkl")
-    with pytest.raises(TrainError, match="model.num_anchor"):
-        run_train(workspace, tmp_path, {**tiny_params(), "model": {**TINY_MODEL, "num_anchor": 30}})
     if not hasattr(torch, "npu"):
         with pytest.raises(DeviceError, match="torch_npu"):
             run_train(workspace, tmp_path, tiny_params(device="npu"))
