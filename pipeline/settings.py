@@ -371,6 +371,12 @@ def _consistency(data: dict[str, Any], errors: list[str]) -> None:
         rank, nodes = train.get("node_rank"), train.get("nnodes")
         if isinstance(rank, int) and isinstance(nodes, int) and rank >= nodes:
             errors.append(f"train.node_rank: {rank} is not below train.nnodes {nodes}")
+        batch, devices = train.get("total_batch_size"), train.get("devices")
+        if isinstance(batch, int) and isinstance(devices, int) and isinstance(nodes, int) and batch % (devices * nodes):
+            errors.append(
+                f"train.total_batch_size: {batch} is not divisible by {devices * nodes} devices "
+                "(train.devices x train.nnodes)"
+            )
 
 
 def params_problems(data: Any) -> list[str]:

@@ -16,8 +16,6 @@ def run(args: argparse.Namespace) -> int:
     ep = load_params(args.params, "evaluate")
     device = resolve_device(str(ep["device"]))
     devices = int(ep["devices"])
-    if devices < 1:
-        raise ParamsError(f"{args.params}: evaluate.devices must be >= 1, got {devices}")
     # The checkpoint scored is exactly the one named: --checkpoint, else evaluate.checkpoint
     # (dvc.yaml passes the param, which is also the stage's dependency).
     checkpoint = str(ep["checkpoint"]) if args.checkpoint is None else args.checkpoint

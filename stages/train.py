@@ -8,20 +8,13 @@ import sys
 
 from pipeline.cli import run_stage, stage_parser
 from pipeline.devices import DeviceError, resolve_device, run_workers
-from pipeline.params import ParamsError, load_params
+from pipeline.params import load_params
 
 
 def run(args: argparse.Namespace) -> int:
     tp = load_params(args.params, "train")
-    device = resolve_device(str(tp["device"]))
+    device = resolve_device(str(tp["device"]))  # the schema checked the numbers of devices and nodes
     devices, nnodes = int(tp["devices"]), int(tp["nnodes"])
-    if devices < 1 or nnodes < 1:
-        raise ParamsError(f"{args.params}: train.devices and train.nnodes must be >= 1, got {devices} and {nnodes}")
-    if int(tp["total_batch_size"]) % (devices * nnodes):
-        raise ParamsError(
-            f"{args.params}: train.total_batch_size {tp['total_batch_size']} is not divisible by "
-            f"{devices * nnodes} devices (train.devices x train.nnodes)"
-        )
     worker_args = [
         "--params", args.params, "--infos", args.infos, "--anchors", args.anchors, "--backbone", args.backbone,
         "--out", args.out, "--metrics", args.metrics, "--live", args.live, "--val-infos", args.val_infos,

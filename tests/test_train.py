@@ -26,7 +26,7 @@ from pipeline.devices import DeviceError
 from pipeline.live import VAL_METRICS
 from pipeline.settings import CLASSES
 from pipeline.train import TrainError, adamw, advance_schedule, lr_factor, lr_schedule, train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, launch_stage
 
 TINY_MODEL = dict(
     depth=18, with_cp=False, embed_dims=32, num_groups=2, num_decoder=2, num_single_frame_decoder=1,
@@ -333,10 +333,8 @@ def test_errors_name_what_is_wrong(workspace, tmp_path, monkeypatch):
             run_train(workspace, tmp_path, tiny_params(device="npu"))
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params(devices=2, total_batch_size=3)))
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "train.py"), "--params", str(params)], capture_output=True, text=True
-    )
-    assert result.returncode == 2 and "total_batch_size 3 is not divisible by 2 devices" in result.stderr
+    result = launch_stage("train", "--params", str(params))
+    assert result.returncode == 2 and "train.total_batch_size: 3 is not divisible by 2 devices" in result.stderr
 
 
 @pytest.mark.slow
