@@ -488,6 +488,11 @@ def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def _result_dtype(feature_maps: Sequence[torch.Tensor], points_2d: torch.Tensor, weights: torch.Tensor) -> torch.dtype:
+    """The dtype every backend returns: the inputs' promoted dtype, whatever it computed in."""
+    return torch.promote_types(torch.promote_types(feature_maps[0].dtype, points_2d.dtype), weights.dtype)
+
+
 def _torch_aggregation(
     feature_maps: Sequence[torch.Tensor],
     points_2d: torch.Tensor,
@@ -500,8 +505,7 @@ def _torch_aggregation(
         use_sparse = points_2d.device.type in _SPARSE_DEVICE_TYPES
     mc_ms_feat = _FlattenFeatures.apply(dtype, *feature_maps)
     out = _TorchAggregation.apply(_spatial_shapes(feature_maps), use_sparse, mc_ms_feat, points_2d, weights)
-    result_dtype = torch.promote_types(torch.promote_types(feature_maps[0].dtype, points_2d.dtype), weights.dtype)
-    return out.to(result_dtype)
+    return out.to(_result_dtype(feature_maps, points_2d, weights))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -598,8 +602,7 @@ def _compiled_aggregation(
         points_2d.float().contiguous(),  # (bs, num_anchor, num_pts, num_cams, 2)
         weights.float().contiguous(),  # (bs, num_anchor, num_pts, num_cams, num_levels, num_groups)
     )
-    result_dtype = torch.promote_types(torch.promote_types(feature_maps[0].dtype, points_2d.dtype), weights.dtype)
-    return out.reshape(bs, num_anchor, -1).to(result_dtype)
+    return out.reshape(bs, num_anchor, -1).to(_result_dtype(feature_maps, points_2d, weights))
 
 
 # ----------------------------------------------------------------------------------------------------------------
