@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-# The environment the seed's Ascend scripts export (test/train_full_8p.sh and friends).
+# The environment the Ascend port's scripts export (test/train_full_8p.sh and friends).
 NPU_ENV = {
     "TASK_QUEUE_ENABLE": "2",
     "CPU_AFFINITY_CONF": "1",
@@ -105,7 +105,7 @@ def run_workers(
 
 
 def launch_env(device: str) -> dict[str, str]:
-    """Extra environment for the training processes (the seed's NPU settings, tcmalloc)."""
+    """Extra environment for the training processes (the Ascend port's NPU settings, tcmalloc)."""
     env: dict[str, str] = {}
     if device == "npu":
         env.update({k: v for k, v in NPU_ENV.items() if k not in os.environ})

@@ -15,7 +15,7 @@ VAL_METRICS = ("mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE")
 
 class RunningSummary:
     """step_time_s: mean seconds per iteration without the first `warmup` ones (or the first one
-    when the run has no more than 2 x `warmup` iterations), as the seed's performance script;
+    when the run has no more than 2 x `warmup` iterations), as the Ascend port's performance script;
     samples_per_s = batch / that; final_loss: mean of the last `tail` finite losses. Holds the
     first `warmup` step times, the sum and count of all, and the last `tail` losses."""
 
