@@ -120,7 +120,7 @@ class Sparse4D(nn.Module):
 
 
 # The reference's loss and matching weights (model.loss / model.matching in params.yaml); per-dimension
-# weights over the encoded box x, y, z, log w, log l, log h, sin yaw, cos yaw, vx, vy.
+# weights over the encoded box x, y, z, log l, log w, log h, sin yaw, cos yaw, vx, vy.
 LOSS_DEFAULTS: dict[str, Any] = {
     "cls_weight": 2.0,
     "focal_gamma": 2.0,

@@ -1,7 +1,7 @@
 """K-means anchors for the instance bank, as the reference anchor generator makes them.
 
 Layout of each anchor (Sparse4D's box encoding):
-    [x, y, z, log w, log l, log h, sin yaw, cos yaw, vx, vy, vz]
+    [x, y, z, log l, log w, log h, sin yaw, cos yaw, vx, vy, vz] (model/box3d.py)
 Centres are the k-means cluster centres of the train boxes' centres within `detection_range`;
 every anchor gets the log of the mean box size (columns 3..5 of `gt_boxes`, in the info
 layout), yaw 0 (cos yaw = 1) and zero velocity. All boxes count, whatever their class or point

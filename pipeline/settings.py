@@ -237,7 +237,7 @@ SCHEMA: dict[str, Any] = {
         "sort_cls_scores": Bool(),
         "classes": List(Choice(*CLASSES), min_len=1, unique=True),
         # The reference's loss_cls, loss_reg and head reg_weights; per-dimension weights are over the
-        # encoded box x, y, z, log w, log l, log h, sin yaw, cos yaw, vx, vy.
+        # encoded box x, y, z, log l, log w, log h, sin yaw, cos yaw, vx, vy.
         "loss": {
             "cls_weight": Float(0.0),
             "focal_gamma": Float(0.0),
