@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from tests.conftest import copy_tracked_files
 from tests.test_dag import stand_ins  # the tests' stand-in outputs, one definition
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,13 +66,7 @@ def simulate_tree(root: Path, scale: float) -> int:
 
 
 def make_project(dest: Path, data_root: Path, baseline: bool) -> Path:
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
+    copy_tracked_files(dest)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["convert"].update(data_root=str(data_root), version="v1.0-trainval")
     (dest / "params.yaml").write_text(yaml.safe_dump(params))

@@ -7,16 +7,13 @@ in well under a second."""
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.cli import run_stage, stage_parser
-from pipeline.files import write_json_atomic
+from pipeline.files import atomic_directory, write_json_atomic
 from pipeline.params import ParamsError, read_params
 
 if TYPE_CHECKING:
@@ -51,22 +48,12 @@ def twin_config(p: dict, params_path: str) -> TwinConfig:
 def write_placeholder(out: Path, data_root: str, params_path: str) -> None:
     """`out` as a folder holding only PLACEHOLDER, which says where the dataset is read instead;
     built beside `out` and renamed into place, as the twin is."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         (tmp / PLACEHOLDER).write_text(
             f"The synthetic nuScenes twin was not written here: convert.data_root in {params_path} is\n"
             f"{data_root}, so the pipeline reads that dataset instead. Set convert.data_root to\n"
             f"{out.as_posix()} to synthesize the twin here.\n"
         )
-        if out.is_symlink() or out.is_file():
-            out.unlink()
-        elif out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def run(args: argparse.Namespace) -> None:

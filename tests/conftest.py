@@ -33,19 +33,24 @@ def small_twin(tmp_path_factory) -> Path:
     return root
 
 
+def copy_tracked_files(dest: Path) -> None:
+    """The project's tracked and new (not ignored) files into `dest`: no data, no venv."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+
+
 @pytest.fixture
 def project(tmp_path) -> Path:
     """A git + DVC copy of the project's tracked and new files (no data, no venv)."""
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     work = tmp_path / "project"
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (work / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, work / name)
+    copy_tracked_files(work)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "project"]):
         subprocess.run(cmd, cwd=work, check=True, capture_output=True)

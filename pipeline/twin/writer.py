@@ -12,8 +12,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -23,6 +21,7 @@ from PIL import Image
 from pyquaternion import Quaternion
 from tqdm import tqdm
 
+from pipeline.files import atomic_directory
 from pipeline.geometry import pose_matrix
 from pipeline.settings import ANNOTATED_VERSIONS as VERSIONS  # the twin writes boxes: not v1.0-test
 from pipeline.settings import SPLITS
@@ -488,22 +487,13 @@ def write_twin(cfg: TwinConfig, out: str | os.PathLike, workers: int | None = No
     Returns counts for a summary. Raises TwinConfigError on bad parameters before writing.
     """
     cfg.validate()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         folders = [f"samples/{c.channel}" for c in CAMERAS] + ["samples/LIDAR_TOP", "sweeps/LIDAR_TOP", "maps"]
         for folder in folders + [cfg.version]:
             (tmp / folder).mkdir(parents=True, exist_ok=True)
         tables = _generate_scenes(cfg, tmp, workers)
         tables.update(_static_tables(cfg, tables["log"]))
         _write_tables(cfg, tmp, tables)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {
         "scenes": len(tables["scene"]),
         "samples": len(tables["sample"]),
