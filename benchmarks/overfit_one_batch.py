@@ -72,22 +72,18 @@ def main() -> None:
         model.train()
         target = batches[-1]
         boxes, labels = target["gt_bboxes_3d"][0].numpy(), target["gt_labels_3d"][0].numpy()
-        pred, score, label = result["boxes_3d"].numpy(), result["scores_3d"].numpy(), result["labels_3d"].numpy()
         hits, speeds = 0, []
         for box, cls in zip(boxes, labels):
-            ok = np.flatnonzero((score > 0.3) & (label == cls))
-            if not ok.size:
+            pred = nearest(result, box, cls)
+            if pred is None:
                 continue
-            dist = np.hypot(pred[ok, 0] - box[0], pred[ok, 1] - box[1])
-            if dist.min() < 2.0:
-                hits += 1
-                if alone is not None and np.hypot(box[7], box[8]) > 1.0:  # a moving object
-                    speeds.append((np.hypot(box[7], box[8]), np.hypot(*pred[ok[dist.argmin()], 7:9]), box, cls))
-        text = f"max score {score.max():.3f}, objects found {hits}/{len(boxes)}"
+            hits += 1
+            if alone is not None and speed(box) > 1.0:  # a moving object
+                single = nearest(alone, box, cls)
+                speeds.append((speed(box), speed(pred), np.nan if single is None else speed(single)))
+        text = f"max score {result['scores_3d'].max():.3f}, objects found {hits}/{len(boxes)}"
         if speeds:
-            true = np.array([s[0] for s in speeds])
-            predicted = np.array([s[1] for s in speeds])
-            single = np.array([nearest_speed(alone, s[2], s[3]) for s in speeds])
+            true, predicted, single = np.array(speeds).T
             text += f"; {len(speeds)} moving found: speed {true.mean():.2f} m/s, predicted {predicted.mean():.2f}"
             text += f" (error {np.abs(true - predicted).mean():.2f}); without the first frame {np.nanmean(single):.2f}"
         return text
@@ -113,14 +109,19 @@ def main() -> None:
             )
 
 
-def nearest_speed(result: dict, box: np.ndarray, cls: int) -> float:
-    """Speed of the confident prediction of class `cls` nearest to `box` (NaN when none is within 2 m)."""
+def nearest(result: dict, box: np.ndarray, cls: int) -> np.ndarray | None:
+    """The prediction of class `cls` with score > 0.3 nearest to `box`, if its centre is within 2 m."""
     keep = (result["scores_3d"].numpy() > 0.3) & (result["labels_3d"].numpy() == cls)
     pred = result["boxes_3d"].numpy()[keep]
     if not len(pred):
-        return float("nan")
+        return None
     dist = np.hypot(pred[:, 0] - box[0], pred[:, 1] - box[1])
-    return float(np.hypot(*pred[dist.argmin(), 7:9])) if dist.min() < 2.0 else float("nan")
+    return pred[dist.argmin()] if dist.min() < 2.0 else None
+
+
+def speed(box: np.ndarray) -> float:
+    """Ground speed of a box (columns 7, 8: vx, vy in the data's and the decoder's layout)."""
+    return float(np.hypot(box[7], box[8]))
 
 
 def check_consecutive(dataset: Sparse4DDataset, frames: list[int]) -> None:
