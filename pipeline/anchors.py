@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
 
 from model.box3d import COS_YAW, HEIGHT, LENGTH, WIDTH, X, Y, Z
+from pipeline.exact import norm
 
 
 class AnchorError(ValueError):
@@ -39,21 +41,24 @@ def kmeans_anchors(
     if detection_range <= 0:
         raise AnchorError(f"anchors.detection_range: expected metres > 0, got {detection_range}")
     gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, gt_boxes.shape[-1] if gt_boxes.size else 7)
-    in_range = gt_boxes[np.linalg.norm(gt_boxes[:, :3], axis=1) <= detection_range]
+    in_range = gt_boxes[norm(gt_boxes[:, :3]) <= detection_range]
     if len(in_range) < num_anchor:
         raise AnchorError(
             f"anchors.num_anchor: {num_anchor} anchors need at least as many train boxes within "
             f"{detection_range} m, but there are {len(in_range)}"
         )
-    km = KMeans(
-        n_clusters=num_anchor,
-        init="k-means++",
-        n_init=n_init,
-        max_iter=300,
-        tol=1e-4,
-        algorithm="lloyd",
-        random_state=seed,
-    ).fit(in_range[:, [X, Y, Z]])
+    # One thread: scikit-learn's Lloyd adds the chunks' partial sums in whatever order its
+    # OpenMP threads finish, so the centres' last bits would depend on the core count and timing.
+    with threadpool_limits(limits=1):
+        km = KMeans(
+            n_clusters=num_anchor,
+            init="k-means++",
+            n_init=n_init,
+            max_iter=300,
+            tol=1e-4,
+            algorithm="lloyd",
+            random_state=seed,
+        ).fit(in_range[:, [X, Y, Z]])
     anchors = np.zeros((num_anchor, 11), dtype=np.float64)
     anchors[:, [X, Y, Z]] = km.cluster_centers_
     anchors[:, [LENGTH, WIDTH, HEIGHT]] = np.log(in_range[:, [LENGTH, WIDTH, HEIGHT]].mean(axis=0))

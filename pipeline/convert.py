@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from pyquaternion import Quaternion
 from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
+from pipeline.exact import matmul, quaternion_matrix, transform
 from pipeline.settings import SPLITS, VERSIONS
 
 CAMERA_TYPES = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
@@ -142,23 +142,24 @@ class _LidarFrame(NamedTuple):
 
 def _lidar_frame(lidar_cs: dict, lidar_pose: dict) -> _LidarFrame:
     return _LidarFrame(
-        Quaternion(lidar_cs["rotation"]).rotation_matrix,
+        quaternion_matrix(lidar_cs["rotation"]),
         np.asarray(lidar_cs["translation"], dtype=np.float64),
-        Quaternion(lidar_pose["rotation"]).rotation_matrix,
+        quaternion_matrix(lidar_pose["rotation"]),
         np.asarray(lidar_pose["translation"], dtype=np.float64),
     )
 
 
 def _sensor_to_lidar(cs: dict, pose: dict, frame: _LidarFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Rotation (3, 3) and translation (3,) such that points_lidar = points_sensor @ R.T + T."""
+    """Rotation (3, 3) and translation (3,) such that points_lidar = points_sensor @ R.T + T.
+
+    The products are pipeline.exact's, not the BLAS's: the infos' bytes do not depend on the CPU."""
     l2e_r, l2e_t, e2g_r, e2g_t = frame
-    s2e_r = Quaternion(cs["rotation"]).rotation_matrix
-    e2g_r_s = Quaternion(pose["rotation"]).rotation_matrix
+    s2e_r = quaternion_matrix(cs["rotation"])
+    e2g_r_s = quaternion_matrix(pose["rotation"])
     # sensor -> ego(t_s) -> global -> ego(t_key) -> lidar
-    r = l2e_r.T @ e2g_r.T @ e2g_r_s @ s2e_r
-    t = l2e_r.T @ (
-        e2g_r.T @ (e2g_r_s @ np.asarray(cs["translation"]) + np.asarray(pose["translation"]) - e2g_t) - l2e_t
-    )
+    r = matmul(matmul(matmul(l2e_r.T, e2g_r.T), e2g_r_s), s2e_r)
+    global_t = transform(np.asarray(cs["translation"], dtype=np.float64), e2g_r_s, pose["translation"])
+    t = transform(transform(global_t - e2g_t, e2g_r.T) - l2e_t, l2e_r.T)
     return r, t
 
 
@@ -289,13 +290,13 @@ def _annotations(
     rot = np.array([a["rotation"] for a in anns], dtype=np.float64)
     l2e_r, l2e_t, e2g_r, e2g_t = frame
     # global -> ego -> lidar, as the devkit's get_sample_data moves boxes.
-    centre_lidar = ((centre - e2g_t) @ e2g_r - l2e_t) @ l2e_r
+    centre_lidar = transform(transform(centre - e2g_t, e2g_r.T) - l2e_t, l2e_r.T)
     global_to_lidar = _rotation(lidar_cs["rotation"]).inv() * _rotation(lidar_pose["rotation"]).inv()
     # pyquaternion's yaw_pitch_roll[0] (the reference's yaw) is the last intrinsic x-y-z Euler angle,
     # not the z-y-x yaw: they differ on tilted poses (tests/test_convert.py's variant).
     yaw = (global_to_lidar * _rotation(rot)).as_euler("XYZ")[:, 2]
     # global -> lidar rotation only (a velocity is a direction), as the reference does.
-    velocity_lidar = (_global_velocities(anns, ann_by_token, sample_time) @ e2g_r) @ l2e_r
+    velocity_lidar = transform(transform(_global_velocities(anns, ann_by_token, sample_time), e2g_r.T), l2e_r.T)
     num_lidar = np.array([a["num_lidar_pts"] for a in anns])
     num_radar = np.array([a["num_radar_pts"] for a in anns])
     return {

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
 
     cfg = twin_config(params["synthesize"], args.params)
     start = time.perf_counter()
-    counts = write_twin(cfg, out)
+    counts = write_twin(cfg, out, workers=args.workers)
     # The time goes to the log, not the metrics: the metrics file is hashed into dvc.lock.
     write_json_atomic(args.metrics, counts)
     print(f"synthesize: wrote {args.out} in {time.perf_counter() - start:.0f} s: {counts}")
@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("synthesize", __doc__)
     parser.add_argument("--out", default="data/nuscenes", help="dataset root to write")
     parser.add_argument("--metrics", default="metrics/synthesize.json")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="scene-writing processes (default: one per core; same bytes whatever the count)"
+    )
     args = parser.parse_args(argv)
     return run_stage("synthesize", run, args)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.exact import dot, norm, sin_cos, transform
 from pipeline.twin.world import CLASS_SPECS, LIDAR_ELEVATIONS_DEG, LIDAR_MAX_RANGE, class_rgb
 
 # Box faces as (corner indices, outward normal in the box frame); corners are ordered as
@@ -27,7 +28,7 @@ _FACES = (
     ((2, 3, 7, 6), (0.0, -1.0, 0.0)),
     ((0, 2, 6, 4), (0.0, 0.0, 1.0)),
 )
-_LIGHT = np.array([0.45, 0.3, 0.84]) / np.linalg.norm([0.45, 0.3, 0.84])
+_LIGHT = np.array([0.45, 0.3, 0.84]) / norm(np.array([0.45, 0.3, 0.84]))
 # Classes without a front: nuScenes scores a barrier's orientation modulo 180 deg, a cone's not at all.
 DIRECTION_FREE = ("barrier", "traffic_cone")
 # The front band, in the box frame: x > FRONT_X * length (the front 40 %) and z > FRONT_Z * height
@@ -46,13 +47,11 @@ def box_corners(box: np.ndarray) -> np.ndarray:
     """(8, 3) global corners of one (7,) box x, y, z, w, l, h, yaw (see _SIGNS for the order)."""
     w, length, h, yaw = box[3], box[4], box[5], box[6]
     local = _SIGNS * np.array([length / 2, w / 2, h / 2])
-    c, s = np.cos(yaw), np.sin(yaw)
-    rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-    return local @ rot.T + box[:3]
+    return transform(local, box_rotation(yaw), box[:3])
 
 
 def box_rotation(yaw: float) -> np.ndarray:
-    c, s = np.cos(yaw), np.sin(yaw)
+    s, c = (float(v) for v in sin_cos(yaw))
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
@@ -92,7 +91,7 @@ class CameraRenderer:
             [(u - intrinsic[0, 2]) / intrinsic[0, 0], (v - intrinsic[1, 2]) / intrinsic[1, 1], np.ones_like(u)], -1
         )
         rot, origin = cam_to_ego[:3, :3].astype(np.float32), cam_to_ego[:3, 3]
-        dirs = self.rays @ rot.T  # (H, W, 3) ego-frame directions
+        dirs = transform(self.rays, rot)  # (H, W, 3) ego-frame directions
         dz = dirs[..., 2]
         with np.errstate(divide="ignore", invalid="ignore"):
             depth = np.where(dz < -1e-6, -origin[2] / dz, np.inf).astype(np.float32)
@@ -103,7 +102,7 @@ class CameraRenderer:
         haze = np.clip(depth[self.ground] / 250.0, 0.0, 1.0)[:, None].astype(np.float32)
         self.ground_haze = haze
         self.ground_haze_rgb = (_SKY_HORIZON * haze).astype(np.float32)
-        elevation = np.clip(dz / np.linalg.norm(dirs, axis=-1) * 3.0, 0.0, 1.0)[..., None]
+        elevation = np.clip(dz / norm(dirs) * 3.0, 0.0, 1.0)[..., None]
         self.background = np.rint(_SKY_HORIZON * (1 - elevation) + _SKY_TOP * elevation).astype(np.uint8)
         # A fixed random 0.5 m texture, tiled every 128 m.
         self.texture = np.random.default_rng(7).integers(0, 23, size=(256, 256)).astype(np.float32)
@@ -119,7 +118,7 @@ class CameraRenderer:
         """(H, W, 3) uint8: the sky, and the ground as a 2 m checkerboard with a fine 0.5 m
         texture (fixed in the global frame), hazing towards the horizon."""
         ego_rot = ego_to_global[:2, :2].astype(np.float32)
-        g = self.ground_xy @ ego_rot.T + ego_to_global[:2, 3].astype(np.float32)  # (m, 2) global
+        g = transform(self.ground_xy, ego_rot, ego_to_global[:2, 3].astype(np.float32))  # (m, 2) global
         checker = (np.floor(g[:, 0] / 2.0) + np.floor(g[:, 1] / 2.0)) % 2
         cells = np.floor(g * 2.0).astype(np.int64) & 255
         gray = 88.0 + 26.0 * checker + self.texture[cells[:, 0], cells[:, 1]]
@@ -141,7 +140,7 @@ class CameraRenderer:
         area = np.zeros(len(boxes), dtype=np.int64)
         world_to_cam = rot.T
         for k, box in enumerate(boxes):
-            corners = (box_corners(box) - origin) @ world_to_cam.T  # (8, 3) camera frame
+            corners = transform(box_corners(box) - origin, world_to_cam)  # (8, 3) camera frame
             if (corners[:, 2] < _NEAR).all():
                 continue
             for face in _FACES:
@@ -189,9 +188,9 @@ class CameraRenderer:
         idx, normal = face
         box_rot = box_rotation(box[6])
         half = np.array([box[4], box[3], box[5]]) / 2  # box-frame half extents (x, y, z)
-        normal_g = box_rot @ np.array(normal)
-        centre_g = box[:3] + box_rot @ (np.array(normal) * half)
-        if normal_g @ (origin - centre_g) <= 0:
+        normal_g = transform(np.array(normal), box_rot)
+        centre_g = box[:3] + transform(np.array(normal) * half, box_rot)
+        if dot(normal_g, origin - centre_g) <= 0:
             return 0  # back face
         uv = self._pixels(corners[list(idx)])
         if uv is None:
@@ -202,22 +201,22 @@ class CameraRenderer:
             # its corners' x and z raised to them (for every face but the back one).
             band_low = np.array([FRONT_X * box[4], -np.inf, FRONT_Z * box[5]])
             band_local = np.maximum(_SIGNS[list(idx)] * half, band_low)  # (4, 3)
-            band_uv = self._pixels((band_local @ box_rot.T + box[:3] - origin) @ world_to_cam.T)
+            band_uv = self._pixels(transform(transform(band_local, box_rot, box[:3]) - origin, world_to_cam))
         raster = self._raster(uv, band_uv)
         if raster is None:
             return 0
         (u0, v0, u1, v1), paint = raster
         mask = paint > 0
-        normal_c = world_to_cam @ normal_g
-        point_c = (centre_g - origin) @ world_to_cam.T
+        normal_c = transform(normal_g, world_to_cam)
+        point_c = transform(centre_g - origin, world_to_cam)
         rays = self.rays[v0 : v1 + 1, u0 : u1 + 1]
         with np.errstate(divide="ignore", invalid="ignore"):
-            z = (normal_c @ point_c) / (rays @ normal_c.astype(np.float32))
+            z = dot(normal_c, point_c) / dot(rays, normal_c.astype(np.float32))
         region = depth[v0 : v1 + 1, u0 : u1 + 1]
         mask &= (z > 0) & np.isfinite(z)
         front = mask & (z < region)
         region[front] = z[front]
-        lit = max(0.0, float(normal_g @ _LIGHT))
+        lit = max(0.0, float(dot(normal_g, _LIGHT)))
         pixels = image[v0 : v1 + 1, u0 : u1 + 1]
         pixels[front] = np.rint(class_rgb(name, _BODY_SHADE[0] + _BODY_SHADE[1] * lit)).astype(np.uint8)
         if band_uv is not None:
@@ -232,7 +231,8 @@ def lidar_rays(azimuth_steps: int) -> tuple[np.ndarray, np.ndarray]:
     elev = np.radians(LIDAR_ELEVATIONS_DEG)
     azim = np.linspace(-np.pi, np.pi, azimuth_steps, endpoint=False)
     e, a = np.meshgrid(elev, azim, indexing="ij")
-    dirs = np.stack([np.cos(e) * np.cos(a), np.cos(e) * np.sin(a), np.sin(e)], -1).reshape(-1, 3)
+    (sin_e, cos_e), (sin_a, cos_a) = sin_cos(e), sin_cos(a)
+    dirs = np.stack([cos_e * cos_a, cos_e * sin_a, sin_e], -1).reshape(-1, 3)
     ring = np.repeat(np.arange(len(elev)), azimuth_steps)
     return dirs, ring
 
@@ -244,13 +244,11 @@ def _box_columns(
     box: np.ndarray, origin: np.ndarray, rel_centre: np.ndarray, sensor_yaw: float, azimuth_steps: int
 ) -> np.ndarray:
     """The azimuth columns (indices into 0..azimuth_steps-1) whose rays can hit a (7,) global box:
-    those within the box's angular extent seen from the sensor `origin`, one column of margin."""
-    c, s = np.cos(box[6]), np.sin(box[6])
-    corners = (
-        box[:2, None]
-        + np.array([[c, s], [-s, c]]).T
-        @ (np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]]) * np.array([box[4], box[3]]) / 2).T
-    )
+    those within the box's angular extent seen from the sensor `origin`, one column of margin
+    (a superset: the hits do not depend on which extra columns are tried, so np.arctan2's
+    CPU-dependent last bit cannot change them)."""
+    rot = box_rotation(box[6])[:2, :2]
+    corners = transform(np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]]) * np.array([box[4], box[3]]) / 2, rot, box[:2]).T
     corner_ang = np.arctan2(corners[1] - origin[1], corners[0] - origin[0])
     centre_ang = np.arctan2(rel_centre[1], rel_centre[0])
     rel_ang = (corner_ang - centre_ang + np.pi) % (2 * np.pi) - np.pi
@@ -269,7 +267,7 @@ def _box_hits(box: np.ndarray, origin: np.ndarray, rays: np.ndarray) -> tuple[np
     frame): the ray parameter of the point placed just inside, (m, 3) that point in the box frame,
     and (m,) whether the ray hits at all with the point at least 1 mm inside every face (grazing
     rays pass), so a point's inside-or-outside never hangs on float rounding."""
-    c, s = np.cos(box[6]), np.sin(box[6])
+    s, c = (float(v) for v in sin_cos(box[6]))
     rel = origin - box[:3]
     o_l = np.array([c * rel[0] + s * rel[1], -s * rel[0] + c * rel[1], rel[2]])
     d_l = np.stack([c * rays[:, 0] + s * rays[:, 1], -s * rays[:, 0] + c * rays[:, 1], rays[:, 2]], 1)
@@ -296,7 +294,7 @@ def cast_lidar(
     chord) so that counting points inside boxes is exact despite rounding to float32.
     """
     rot, origin = sensor_to_global[:3, :3], sensor_to_global[:3, 3]
-    d_g = dirs @ rot.T  # (n, 3)
+    d_g = transform(dirs, rot)  # (n, 3)
     n = len(dirs)
     with np.errstate(divide="ignore", invalid="ignore"):
         t_best = np.where(d_g[:, 2] < -1e-9, -origin[2] / d_g[:, 2], np.inf)
@@ -304,7 +302,7 @@ def cast_lidar(
     on_band = np.zeros(n, dtype=bool)
     if len(boxes):
         rel_centre = boxes[:, :2] - origin[:2]
-        near = np.linalg.norm(rel_centre, axis=1) < LIDAR_MAX_RANGE + 10.0
+        near = norm(rel_centre) < LIDAR_MAX_RANGE + 10.0
         sensor_yaw = np.arctan2(rot[1, 0], rot[0, 0])
         azimuth_steps = n // len(LIDAR_ELEVATIONS_DEG)
         for k in np.flatnonzero(near):

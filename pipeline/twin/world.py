@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.exact import dot, sin_cos
 from pipeline.settings import CLASSES  # the 10 detection classes in Sparse4D's order
 
 
@@ -150,16 +151,18 @@ SWEEP_DT = 0.05  # s, 20 Hz LiDAR
 def yaw_quaternion(yaw: float) -> list[float]:
     """[w, x, y, z] of a rotation about z, as nuScenes stores rotations.
 
-    Not pyquaternion's axis-angle constructor: it gives -0.0 for x and y at negative angles,
-    which would change the bytes of the twin's tables."""
-    return [math.cos(yaw / 2.0), 0.0, 0.0, math.sin(yaw / 2.0)]
+    Not pyquaternion's axis-angle constructor: its sin and cos are the C library's, whose last
+    bit depends on the CPU (pipeline/exact.py), and it gives -0.0 for x and y at negative angles;
+    either would change the bytes of the twin's tables."""
+    s, c = sin_cos(yaw / 2.0)
+    return [float(c), 0.0, 0.0, float(s)]
 
 
 def camera_rotation(yaw_deg: float) -> np.ndarray:
     """(3, 3) camera -> ego rotation: camera z forward along yaw, x right, y down."""
-    yaw = math.radians(yaw_deg)
-    forward = np.array([math.cos(yaw), math.sin(yaw), 0.0])
-    right = np.array([math.sin(yaw), -math.cos(yaw), 0.0])
+    s, c = (float(v) for v in sin_cos(math.radians(yaw_deg)))
+    forward = np.array([c, s, 0.0])
+    right = np.array([s, -c, 0.0])
     down = np.array([0.0, 0.0, -1.0])
     return np.stack([right, down, forward], axis=1)
 
@@ -183,14 +186,16 @@ class Path:
         s = np.asarray(s, dtype=np.float64)
         d = np.asarray(d, dtype=np.float64)
         h = self.heading + self.curvature * s
+        sin_h, cos_h = sin_cos(h)
+        sin_0, cos_0 = sin_cos(self.heading)
         if abs(self.curvature) < 1e-9:
-            x = self.origin[0] + s * math.cos(self.heading)
-            y = self.origin[1] + s * math.sin(self.heading)
+            x = self.origin[0] + s * cos_0
+            y = self.origin[1] + s * sin_0
         else:
             k = self.curvature
-            x = self.origin[0] + (np.sin(h) - math.sin(self.heading)) / k
-            y = self.origin[1] - (np.cos(h) - math.cos(self.heading)) / k
-        return x - d * np.sin(h), y + d * np.cos(h), h
+            x = self.origin[0] + (sin_h - sin_0) / k
+            y = self.origin[1] - (cos_h - cos_0) / k
+        return x - d * sin_h, y + d * cos_h, h
 
 
 @dataclass(frozen=True)
@@ -236,13 +241,13 @@ class Scene:
 
 def _rect_corners(boxes: np.ndarray) -> np.ndarray:
     """(n, 4, 2) BEV corners of (n, 7) boxes."""
-    c, s = np.cos(boxes[:, 6]), np.sin(boxes[:, 6])
+    s, c = sin_cos(boxes[:, 6])
     hl, hw = boxes[:, 4] / 2, boxes[:, 3] / 2
     local = np.stack(
         [np.stack([hl, hw], 1), np.stack([-hl, hw], 1), np.stack([-hl, -hw], 1), np.stack([hl, -hw], 1)], 1
     )
     rot = np.stack([np.stack([c, -s], 1), np.stack([s, c], 1)], 1)  # (n, 2, 2)
-    return np.einsum("nij,nkj->nki", rot, local) + boxes[:, None, :2]
+    return local[..., 0:1] * rot[:, None, :, 0] + local[..., 1:2] * rot[:, None, :, 1] + boxes[:, None, :2]
 
 
 def _overlaps(box: np.ndarray, others: np.ndarray) -> bool:
@@ -254,13 +259,13 @@ def _overlaps(box: np.ndarray, others: np.ndarray) -> bool:
     axes = [a[1] - a[0], a[3] - a[0]]
     separated = np.zeros(len(others), dtype=bool)
     for axis in axes:
-        pa = a @ axis
-        pb = b @ axis
+        pa = dot(a, axis)
+        pb = dot(b, axis)
         separated |= (pb.max(1) < pa.min()) | (pb.min(1) > pa.max())
     for k in (1, 3):
         axis = b[:, k] - b[:, 0]  # (n, 2)
-        pa = np.einsum("ij,nj->ni", a, axis)
-        pb = np.einsum("nij,nj->ni", b, axis)
+        pa = dot(a[None], axis[:, None])
+        pb = dot(b, axis[:, None])
         separated |= (pb.max(1) < pa.min(1)) | (pb.min(1) > pa.max(1))
     return bool((~separated).any())
 
@@ -286,7 +291,9 @@ def _draw_object(rng: np.random.Generator, name: str, near: bool, ego_travel: fl
         speed = -speed if d > 0 else speed
     else:
         speed = 0.0
-        yaw_offset = float(rng.choice([0.0, math.pi]) + rng.normal(0.0, 0.15))
+        # A normal draw in the tail takes numpy's log1p from the C library: rounded to 1e-9 rad,
+        # its last bit (which may depend on the CPU) cannot reach the tables.
+        yaw_offset = float(rng.choice([0.0, math.pi]) + round(float(rng.normal(0.0, 0.15)), 9))
         if name in ("traffic_cone", "pedestrian"):
             yaw_offset = float(rng.uniform(-math.pi, math.pi))
         d += float(rng.uniform(-0.4, 0.4))

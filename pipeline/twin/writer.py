@@ -21,8 +21,8 @@ from PIL import Image
 from pyquaternion import Quaternion
 from tqdm import tqdm
 
+from pipeline.exact import matmul, matrix_quaternion, pose_matrix, quaternion_matrix, rigid_inverse, transform
 from pipeline.files import atomic_directory
-from pipeline.geometry import pose_matrix
 from pipeline.settings import ANNOTATED_VERSIONS as VERSIONS  # the twin writes boxes: not v1.0-test
 from pipeline.settings import SPLITS
 from pipeline.twin.render import CameraRenderer, cast_lidar, lidar_rays
@@ -152,12 +152,11 @@ def _calibration(cfg: TwinConfig, index: int) -> dict[str, dict]:
     """calibrated_sensor records of one scene, by channel: the six cameras, then LIDAR_TOP."""
     calib: dict[str, dict] = {}
     for cam in CAMERAS:
-        rot = Quaternion(matrix=camera_rotation(cam.yaw_deg))
         calib[cam.channel] = {
             "token": _token(cfg, "calibrated_sensor", index, cam.channel),
             "sensor_token": _token(cfg, "sensor", cam.channel),
             "translation": list(cam.translation),
-            "rotation": [float(v) for v in rot.elements],
+            "rotation": matrix_quaternion(camera_rotation(cam.yaw_deg)),
             "camera_intrinsic": camera_intrinsic(cam, cfg.image_width, cfg.image_height).tolist(),
         }
     calib["LIDAR_TOP"] = {
@@ -190,7 +189,7 @@ def _lidar_points_in_boxes(points: np.ndarray, boxes_sensor: np.ndarray) -> np.n
 def _boxes_to_frame(boxes: np.ndarray, global_to_frame: np.ndarray) -> np.ndarray:
     """(n, 7) global boxes in another frame whose rotation is about z (as ego and LiDAR are)."""
     out = boxes.copy()
-    out[:, :3] = boxes[:, :3] @ global_to_frame[:3, :3].T + global_to_frame[:3, 3]
+    out[:, :3] = transform(boxes[:, :3], global_to_frame[:3, :3], global_to_frame[:3, 3])
     out[:, 6] = boxes[:, 6] + np.arctan2(global_to_frame[1, 0], global_to_frame[0, 0])
     return out
 
@@ -201,7 +200,7 @@ def _renderers(width: int, height: int) -> dict[str, CameraRenderer]:
     out = {}
     for cam in CAMERAS:
         cam_to_ego = np.eye(4)
-        cam_to_ego[:3, :3] = Quaternion(matrix=camera_rotation(cam.yaw_deg)).rotation_matrix
+        cam_to_ego[:3, :3] = quaternion_matrix(matrix_quaternion(camera_rotation(cam.yaw_deg)))
         cam_to_ego[:3, 3] = cam.translation
         out[cam.channel] = CameraRenderer(camera_intrinsic(cam, width, height), cam_to_ego, width, height)
     return out
@@ -272,7 +271,7 @@ class _SceneWriter:
         )
         ego_to_global = pose_matrix(rotation, translation)
         sensor_to_ego = pose_matrix(self.calib[channel]["rotation"], self.calib[channel]["translation"])
-        return ego_to_global, ego_to_global @ sensor_to_ego
+        return ego_to_global, matmul(ego_to_global, sensor_to_ego)
 
     def lidar_sweep(self, t_us: int, key: bool, sample_k: int) -> tuple[np.ndarray, np.ndarray]:
         """Casts and writes one LiDAR sweep; returns its (m, 5) points and sensor->global transform."""
@@ -321,7 +320,7 @@ class _SceneWriter:
                 self.lidar_sweep(sweep_us, False, k if j * SWEEP_DT < KEYFRAME_DT / 2 else k - 1)
         points, lidar_to_global = self.lidar_sweep(key_us, True, k)
         boxes = self.scene.object_boxes(k * KEYFRAME_DT)
-        num_pts = _lidar_points_in_boxes(points[:, :3], _boxes_to_frame(boxes, np.linalg.inv(lidar_to_global)))
+        num_pts = _lidar_points_in_boxes(points[:, :3], _boxes_to_frame(boxes, rigid_inverse(lidar_to_global)))
         visible, area = self.camera_images(k, key_us)
         self.tables["sample"].append(
             {
