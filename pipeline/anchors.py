@@ -61,6 +61,8 @@ def kmeans_anchors(
         ).fit(in_range[:, [X, Y, Z]])
     anchors = np.zeros((num_anchor, 11), dtype=np.float64)
     anchors[:, [X, Y, Z]] = km.cluster_centers_
-    anchors[:, [LENGTH, WIDTH, HEIGHT]] = np.log(in_range[:, [LENGTH, WIDTH, HEIGHT]].mean(axis=0))
+    # Rounded to 1e-9: numpy's float64 log is SIMD code chosen by CPU (AVX-512 or not), whose last
+    # bit differs between machines (pipeline/exact.py); the anchors file must not.
+    anchors[:, [LENGTH, WIDTH, HEIGHT]] = np.round(np.log(in_range[:, [LENGTH, WIDTH, HEIGHT]].mean(axis=0)), 9)
     anchors[:, COS_YAW] = 1.0
     return anchors, {"inertia": float(km.inertia_), "boxes_used": int(len(in_range)), "n_init": int(n_init)}

@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="data/nuscenes", help="dataset root to write")
     parser.add_argument("--metrics", default="metrics/synthesize.json")
     parser.add_argument(
-        "--workers", type=int, default=None, help="scene-writing processes (default: one per core; same bytes whatever the count)"
+        "--workers",
+        type=int,
+        default=None,
+        help="scene-writing processes (default: one per core; same bytes whatever the count)",
     )
     args = parser.parse_args(argv)
     return run_stage("synthesize", run, args)

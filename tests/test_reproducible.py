@@ -52,7 +52,11 @@ def tree_digests(data: Path) -> dict[str, str]:
 def dvc_dir_md5(digests: dict[str, str], folder: str) -> str:
     """DVC's hash of a folder output (the md5 of its sorted entry list), from per-file md5s."""
     entries = sorted(
-        ({"md5": md5, "relpath": path[len(folder) + 1 :]} for path, md5 in digests.items() if path.startswith(folder + "/")),
+        (
+            {"md5": md5, "relpath": path[len(folder) + 1 :]}
+            for path, md5 in digests.items()
+            if path.startswith(folder + "/")
+        ),
         key=lambda e: e["relpath"],
     )
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
@@ -91,8 +95,9 @@ def test_data_stages_write_the_committed_bytes(condition, tmp_path):
     stages = (
         ("synthesize", "--out", "data/nuscenes", "--metrics", "metrics/synthesize.json", "--workers", str(workers)),
         ("convert", "--out", "data/infos", "--metrics", "metrics/convert.json"),
-        ("anchors", "--infos", "data/infos/nuscenes_infos_train.pkl", "--out", "data/anchors/nuscenes_kmeans.npy"),
-    )
+        ("anchors", "--infos", "data/infos/nuscenes_infos_train.pkl", "--out", "data/anchors/nuscenes_kmeans.npy",
+         "--metrics", "metrics/anchors.json"),
+    )  # fmt: skip
     for name, *args in stages:
         cmd = [sys.executable, "-m", f"stages.{name}", "--params", "params.yaml", *args]
         result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
@@ -101,3 +106,9 @@ def test_data_stages_write_the_committed_bytes(condition, tmp_path):
     assert sorted(ours) == sorted(committed), f"{condition}: other files than {DIGESTS.name} lists"
     differ = [path for path in sorted(committed) if ours[path] != committed[path]]
     assert not differ, f"{condition}: {len(differ)} files differ from {DIGESTS.name}, first data/{differ[0]}"
+    # The stages' metrics files are outputs in dvc.lock too.
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    for name in ("synthesize", "convert", "anchors"):
+        (locked,) = (o["md5"] for o in lock[name]["outs"] if o["path"] == f"metrics/{name}.json")
+        written = hashlib.md5((tmp_path / "metrics" / f"{name}.json").read_bytes()).hexdigest()
+        assert written == locked, f"{condition}: metrics/{name}.json differs from dvc.lock"
