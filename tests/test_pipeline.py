@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.evaluate import DEMO_SPREAD
 from tests.conftest import ROOT
+
+# Below the lowest measured run: docs/reproducibility.md says how it was chosen.
+SPREAD_MARGIN = 0.04
 
 
 def dvc(clone: Path, *args: str) -> subprocess.CompletedProcess:
@@ -54,10 +58,12 @@ def test_fresh_clone_repro_reproduces_lock(tmp_path):
     assert 0.0 <= metrics["mAP"] <= 1.0 and set(metrics["per_class_AP"]) == set(
         yaml.safe_load((clone / "params.yaml").read_text())["model"]["classes"]
     )
-    # The demo learns: the reproduced accuracy is that of the committed run (the README's figure),
-    # give or take what another CPU's kernels change.
-    assert metrics["mAP"] >= 0.8 * committed_metrics["mAP"], (metrics["mAP"], committed_metrics["mAP"])
-    assert metrics["NDS"] >= 0.8 * committed_metrics["NDS"], (metrics["NDS"], committed_metrics["NDS"])
+    # The demo learns as measured: within the spread of its runs over training seeds and CPU
+    # kernels (stages/evaluate.py DEMO_SPREAD, docs/reproducibility.md), less a margin for a CPU
+    # unlike any measured. The weights themselves differ between CPUs; the data did not (above).
+    for key in ("mAP", "NDS"):
+        floor = DEMO_SPREAD[key][0] - SPREAD_MARGIN
+        assert metrics[key] >= floor, f"{key} {metrics[key]:.4f} < {floor:.4f} (committed {committed_metrics[key]:.4f})"
     assert all(isinstance(metrics[k], (int, float)) for k in ("AMOTA", "AMOTP", "MOTA", "IDS")), metrics
     dvc(clone, "plots", "show", "-o", str(tmp_path / "plots"))
     html = (tmp_path / "plots" / "index.html").read_text()

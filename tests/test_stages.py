@@ -153,3 +153,32 @@ def test_full_profile_from_an_empty_data_folder_and_a_linked_dataset(project, sm
     params["convert"].update(data_root="data/nuscenes")
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     assert "synthesize" in json.loads(dvc(project, "status", "--json", "synthesize"))
+
+
+def test_the_demo_range_belongs_to_the_committed_demo_profile():
+    """DEMO_SPREAD was measured with params.yaml as committed: a change of the demo's settings
+    (not of launch settings) needs the spread measured again."""
+    from pipeline.params import read_params
+    from stages.evaluate import DEMO_PROFILE, demo_profile_digest
+
+    params = read_params(ROOT / "params.yaml")
+    assert demo_profile_digest(params) == DEMO_PROFILE, (
+        "params.yaml's demo profile changed: rerun `python -m benchmarks.accuracy_spread` and update "
+        "DEMO_PROFILE and DEMO_SPREAD in stages/evaluate.py and docs/reproducibility.md"
+    )
+    launch = {**params, "train": {**params["train"], "master_port": 29999, "num_workers": 2}}
+    assert demo_profile_digest(launch) == DEMO_PROFILE
+    assert demo_profile_digest({**params, "train": {**params["train"], "lr": 3e-4}}) != DEMO_PROFILE
+
+
+def test_evaluate_tells_the_demo_range_and_a_broken_run():
+    from pipeline.params import read_params
+    from stages.evaluate import BROKEN_MAP, DEMO_SPREAD, accuracy_note
+
+    params = read_params(ROOT / "params.yaml")
+    low, _, high = DEMO_SPREAD["mAP"]
+    note = accuracy_note(params, {"mAP": low, "NDS": DEMO_SPREAD["NDS"][1]})
+    assert f"range {low:.3f}-{high:.3f}" in note and "NDS" in note and "broken" not in note
+    broken = accuracy_note(params, {"mAP": BROKEN_MAP / 2, "NDS": 0.01})
+    assert "detects nearly nothing" in broken and "metrics/train.json" in broken
+    assert accuracy_note({**params, "train": {**params["train"], "lr": 3e-4}}, {"mAP": 0.0, "NDS": 0.0}) is None
