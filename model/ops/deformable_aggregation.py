@@ -33,6 +33,14 @@ Backends (``deformable_aggregation(..., backend=...)``):
 ``"auto"`` picks ``mx_driving`` for NPU tensors when it imports, ``cuda_ext`` for CUDA tensors when the extension
 imports, and ``torch`` otherwise (and always for float64 inputs: the compiled ops compute in float32). Neither torch_npu, mx_driving nor the extension is imported at module import.
 
+mx_driving's op serves only some shapes (:func:`mx_driving_rejects`): its C++ entry point rejects ``num_groups`` not a
+multiple of 8 (``mx_driving/csrc/DeformableAggregation.cpp``), and its documentation limits the rest (num_groups 8,
+C <= 256 with C / num_groups a multiple of 8, <= 6 cameras, <= 4 levels, <= 2048 anchors and points;
+``docs/api/context/deformable_aggregation.md``, Ascend/DrivingSDK 9c2fb9ea). Where it
+cannot serve, ``"auto"`` runs the torch backend and warns once per reason (``RuntimeWarning``); an explicit
+``backend="mx_driving"`` raises ``ValueError`` naming the reason. On NPU tensors without mx_driving, ``"auto"`` also
+warns once that the torch backend runs.
+
 Both compiled ops take the features flattened channel-last, see :func:`flatten_feature_maps`. Their semantics,
 which the released checkpoints were trained with and which the torch backend follows: a (point, camera) whose
 normalised x or y is not strictly inside (0, 1) is skipped at every level; otherwise the sample is bilinear at
@@ -46,7 +54,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +66,7 @@ __all__ = [
     "deformable_aggregation",
     "deformable_aggregation_grid_sample",
     "flatten_feature_maps",
+    "mx_driving_rejects",
     "select_backend",
 ]
 
@@ -72,6 +81,25 @@ CUDA_EXT_MODULES: Tuple[str, ...] = ("deformable_aggregation_ext",) + (
 
 # Devices whose torch.sparse CSR kernels (matmul, transpose matmul, sampled_addmm) the torch backend uses.
 _SPARSE_DEVICE_TYPES = ("cpu", "cuda")
+
+# What mx_driving's deformable aggregation takes (Ascend/DrivingSDK 9c2fb9ea): the C++ entry point
+# (mx_driving/csrc/DeformableAggregation.cpp) checks the dims and `num_groups % 8 == 0`; its documentation
+# (docs/api/context/deformable_aggregation.md, its constraints section, which also binds the backward) states the limits
+# below. Its batch and element-count limits (bs <= 128, 1.5e8 elements per tensor) are not checked here: they grow with
+# the user's batch, and the port itself trains 12 per device through the op (2.8e8 feature elements at 256 x 704).
+MX_DRIVING_GROUP_MULTIPLE = 8
+MX_DRIVING_LIMITS = {
+    "num_groups": 8,  # "group = 8"
+    "channels": 256,  # "c <= 256"
+    "channels_per_group_multiple": 8,  # "c / group is a multiple of 8"
+    "num_cams": 6,  # "cam <= 6"
+    "num_levels": 4,  # "scale <= 4"
+    "num_anchor": 2048,  # "anchor <= 2048"
+    "num_pts": 2048,  # "pts <= 2048"
+}
+
+# Reasons "auto" already warned about (one RuntimeWarning per distinct reason and process).
+_FALLBACK_WARNED: Set[str] = set()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -611,13 +639,71 @@ def _compiled_aggregation(
 
 
 def select_backend(device: torch.device | str) -> str:
-    """The backend ``"auto"`` uses for tensors on ``device``."""
+    """The backend ``"auto"`` uses for tensors on ``device`` (before the shape checks of :func:`mx_driving_rejects`)."""
     device_type = torch.device(device).type
     if device_type == "npu" and _load_mx_driving() is not None:
         return "mx_driving"
     if device_type == "cuda" and _load_cuda_ext() is not None:
         return "cuda_ext"
     return "torch"
+
+
+def mx_driving_rejects(
+    feature_maps: Sequence[torch.Tensor], points_2d: torch.Tensor, weights: torch.Tensor
+) -> Optional[str]:
+    """Why mx_driving's deformable aggregation cannot take these inputs, or None when it can.
+
+    Inputs as :func:`deformable_aggregation` takes them (already checked by it). The first reason found: the C++
+    check (``num_groups % 8 == 0``), then the documented limits (:data:`MX_DRIVING_LIMITS`). The op's dtype and
+    layout requirements (float32 features, points and weights, int32 shapes, contiguous) are met by
+    :func:`flatten_feature_maps` and the casts of the compiled path, so they never reject.
+    """
+    bs, num_anchor, num_pts, num_cams = points_2d.shape[:4]
+    num_levels, num_groups = weights.shape[4], weights.shape[5]
+    channels = feature_maps[0].shape[2]
+    op = "mx_driving's deformable aggregation"
+    if num_groups % MX_DRIVING_GROUP_MULTIPLE:
+        return f"{op} needs num_groups divisible by {MX_DRIVING_GROUP_MULTIPLE}, got {num_groups}"
+    limits = MX_DRIVING_LIMITS
+    if num_groups != limits["num_groups"]:
+        return f"{op} is documented for num_groups = {limits['num_groups']} only, got {num_groups}"
+    if (channels // num_groups) % limits["channels_per_group_multiple"]:
+        return (
+            f"{op} needs channels per group (C / num_groups) divisible by {limits['channels_per_group_multiple']}, "
+            f"got {channels} / {num_groups}"
+        )
+    for name, value in (
+        ("channels", channels),
+        ("num_cams", num_cams),
+        ("num_levels", num_levels),
+        ("num_anchor", num_anchor),
+        ("num_pts", num_pts),
+    ):
+        if value > limits[name]:
+            return f"{op} is documented for {name} <= {limits[name]}, got {value}"
+    return None
+
+
+def _warn_once(message: str) -> None:
+    if message not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)  # the caller of deformable_aggregation
+
+
+def _auto_backend(feature_maps: Sequence[torch.Tensor], points_2d: torch.Tensor, weights: torch.Tensor) -> str:
+    """The backend ``"auto"`` runs: :func:`select_backend`, then the torch backend where mx_driving cannot serve."""
+    # the compiled ops compute in float32: float64 (the parity tests, gradcheck) stays on the torch backend
+    if torch.float64 in (feature_maps[0].dtype, points_2d.dtype, weights.dtype):
+        return "torch"
+    backend = select_backend(points_2d.device)
+    if backend == "mx_driving":
+        reason = mx_driving_rejects(feature_maps, points_2d, weights)
+        if reason is not None:
+            _warn_once(f"{reason}: using the torch backend")
+            return "torch"
+    elif backend == "torch" and points_2d.device.type == "npu":
+        _warn_once("mx_driving (Ascend DrivingSDK) does not import: using the torch backend on the NPU")
+    return backend
 
 
 def deformable_aggregation(
@@ -645,9 +731,7 @@ def deformable_aggregation(
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _check_inputs(feature_maps, points_2d, weights)
     if backend == "auto":
-        # the compiled ops compute in float32: float64 (the parity tests, gradcheck) stays on the torch backend
-        float64 = torch.float64 in (feature_maps[0].dtype, points_2d.dtype, weights.dtype)
-        backend = "torch" if float64 else select_backend(points_2d.device)
+        backend = _auto_backend(feature_maps, points_2d, weights)
     if backend == "grid_sample":
         return deformable_aggregation_grid_sample(feature_maps, points_2d, weights)
     if backend == "torch":
@@ -664,4 +748,7 @@ def deformable_aggregation(
     op = _load_mx_driving()
     if op is None:
         raise RuntimeError("backend 'mx_driving' needs mx_driving (Ascend DrivingSDK), which does not import")
+    reason = mx_driving_rejects(feature_maps, points_2d, weights)
+    if reason is not None:
+        raise ValueError(f"backend 'mx_driving' cannot take these inputs: {reason} (backend 'auto' or 'torch' can)")
     return _compiled_aggregation(op, feature_maps, points_2d, weights)
