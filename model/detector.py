@@ -128,6 +128,7 @@ LOSS_DEFAULTS: dict[str, Any] = {
     "box_weight": 0.25,
     "reg_weights": [2.0] * 3 + [1.0] * 7,
     "cls_threshold_to_reg": 0.05,
+    "detach_centerness_target": False,  # the reference; the Ascend port (the seed profiles): True
 }
 MATCHING_DEFAULTS: dict[str, Any] = {
     "cls_weight": 2.0,
@@ -211,6 +212,7 @@ def build_model(cfg: dict[str, Any], anchor: np.ndarray | None = None) -> Sparse
         correct_projected_yaw=bool(cfg.get("correct_projected_yaw", False)),
         sort_cls_scores=bool(cfg.get("sort_cls_scores", False)),
     )
+    head.loss_reg.detach_centerness_target = bool(loss["detach_centerness_target"])
     depth_layers = int(cfg.get("num_depth_layers", 3))
     depth_branch = (
         DenseDepthNet(embed_dims, depth_layers, loss_weight=float(cfg.get("depth_loss_weight", 0.2)))

@@ -46,12 +46,19 @@ class SigmoidFocalLoss(nn.Module):
 
 
 class SparseBox3DLoss(nn.Module):
-    def __init__(self, box_weight: float = 0.25, cls_allow_reverse: list[int] | None = None):
+    def __init__(
+        self,
+        box_weight: float = 0.25,
+        cls_allow_reverse: list[int] | None = None,
+        detach_centerness_target: bool = False,
+    ):
         super().__init__()
         self.loss_box = L1Loss(loss_weight=box_weight)
         self.loss_cns = CrossEntropyLoss(use_sigmoid=True)
         self.loss_yns = GaussianFocalLoss()
         self.cls_allow_reverse = cls_allow_reverse
+        # model.loss.detach_centerness_target: the Ascend port's training (see forward).
+        self.detach_centerness_target = detach_centerness_target
 
     def forward(
         self, box, box_target, weight=None, avg_factor=None, suffix="", quality=None, cls_target=None
@@ -68,8 +75,12 @@ class SparseBox3DLoss(nn.Module):
         if quality is not None:
             quality = as_fp32(quality)
             # As the reference: the centerness target is built from the prediction itself, with
-            # gradients (the Ascend port detaches it; we keep the reference's maths).
+            # gradients. The Ascend port (DrivingSDK 9c2fb9ea, mmdet.patch) detaches it in mmdet's
+            # binary_cross_entropy: detach_centerness_target, for the seed profiles. Either way the
+            # loss and its gradient w.r.t. the centerness logit are the same; the box's differs.
             cns_target = torch.exp(-torch.norm(box_target[..., [X, Y, Z]] - box[..., [X, Y, Z]], p=2, dim=-1))
+            if self.detach_centerness_target:
+                cns_target = cns_target.detach()
             output[f"loss_cns{suffix}"] = self.loss_cns(quality[..., CNS], cns_target, avg_factor=avg_factor)
             yns_target = (
                 nn.functional.cosine_similarity(

@@ -1,30 +1,48 @@
 """Device choice (cpu, cuda, Ascend npu), distributed set-up and mixed precision, in one place.
 
-torch_npu is optional: it is imported only when an NPU is asked for or auto-detected.
+torch_npu is optional: it is imported only when an NPU is asked for or auto-detected
+(`import_torch_npu`, which also applies the Ascend port's `torch.npu.config` settings).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-# The environment the Ascend port's scripts export (test/train_full_8p.sh and friends).
+# The environment the Ascend port's scripts export, every line of them (DrivingSDK 9c2fb9ea,
+# model_examples/Sparse4D/test/train_full_8p.sh and train_performance_8p.sh; its tools/dist_train.sh
+# sets OMP_NUM_THREADS and MKL_NUM_THREADS on the torchrun line again). The launcher gives them to
+# the NPU workers; a variable already set in the caller's environment wins.
 NPU_ENV = {
-    "TASK_QUEUE_ENABLE": "2",
-    "CPU_AFFINITY_CONF": "1",
+    "ASCEND_SLOG_PRINT_TO_STDOUT": "0",  # host log not to the terminal
+    "ASCEND_GLOBAL_LOG_LEVEL": "3",  # errors only
+    "ASCEND_GLOBAL_EVENT_ENABLE": "0",
+    "TASK_QUEUE_ENABLE": "2",  # operator dispatch queue, level 2
+    "PTCOPY_ENABLE": "1",
+    "COMBINED_ENABLE": "1",
+    "DYNAMIC_OP": "ADD#MUL",
     "HCCL_WHITELIST_DISABLE": "1",
+    "CPU_AFFINITY_CONF": "1",  # bind each process's threads to cores
+    "ACLNN_CACHE_LIMIT": "100000",
+    "HOST_CACHE_CAPACITY": "20",
     "HCCL_OP_BASE_FFTS_MODE_ENABLE": "TRUE",
     "MULTI_STREAM_MEMORY_REUSE": "1",
-    "COMBINED_ENABLE": "1",
-    "PTCOPY_ENABLE": "1",
-    "ACLNN_CACHE_LIMIT": "100000",
     "OMP_NUM_THREADS": "16",
-    "ASCEND_GLOBAL_LOG_LEVEL": "3",
+    "MKL_NUM_THREADS": "16",
 }
+# The port's `torch.npu.config.allow_internal_format` (set at import by its runner module,
+# projects/mmdet3d_plugin/utils/epoch_based_runner_with_profiling.py in Sparse4D.patch): tensors keep
+# the plain (ND) layout instead of the NPU's private ones.
+NPU_ALLOW_INTERNAL_FORMAT = False
+# tcmalloc, preloaded into the NPU workers when one is installed: first the seed README's build
+# (gperftools configured with --prefix=/usr/local/lib, so the library lands in /usr/local/lib/lib),
+# then the distributions' packages.
 TCMALLOC_PATHS = (
+    "/usr/local/lib/lib/libtcmalloc.so.4",
     "/usr/lib64/libtcmalloc.so",
     "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
     "/usr/lib/aarch64-linux-gnu/libtcmalloc.so.4",
@@ -36,9 +54,18 @@ class DeviceError(RuntimeError):
     """The requested device is not available; the message says what is missing."""
 
 
+def import_torch_npu() -> None:
+    """Import torch_npu (ImportError when it is not installed) and apply the port's NPU settings."""
+    import torch_npu  # noqa: F401
+
+    config = getattr(getattr(torch, "npu", None), "config", None)
+    if config is not None:
+        config.allow_internal_format = NPU_ALLOW_INTERNAL_FORMAT
+
+
 def npu_available() -> bool:
     try:
-        import torch_npu  # noqa: F401
+        import_torch_npu()
     except ImportError:
         return False
     return hasattr(torch, "npu") and torch.npu.is_available()
@@ -50,7 +77,7 @@ def resolve_device(requested: str) -> str:
         raise DeviceError(f"train.device: expected auto, npu, cuda or cpu, got {requested!r}")
     if requested == "npu":
         try:
-            import torch_npu  # noqa: F401
+            import_torch_npu()
         except ImportError as err:
             raise DeviceError(
                 "train.device is npu but torch_npu is not installed (install CANN and torch_npu, see README)"
@@ -84,14 +111,27 @@ def run_workers(
     master_addr: str = "127.0.0.1",
     master_port: int = 29500,
 ) -> int:
-    """Run `python -m module args` once, or under torchrun when devices x nnodes > 1, with the
-    device's environment (launch_env) and the repository on PYTHONPATH; returns the exit code."""
+    """Run `python -m module args` once, or under torchrun when devices x nnodes > 1
+    (`worker_command`), with `worker_env(device)`; returns the exit code."""
     import subprocess
+
+    cmd = worker_command(module, args, devices, nnodes, node_rank, master_addr, master_port)
+    return subprocess.call(cmd, env=worker_env(device))
+
+
+def worker_command(
+    module: str,
+    args: list[str],
+    devices: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: int = 29500,
+) -> list[str]:
+    """The command line of `run_workers`: `python -m module args`, under torchrun when
+    devices x nnodes > 1."""
     import sys
 
-    env = {**os.environ, **launch_env(device)}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
     if devices * nnodes == 1:
         cmd = [sys.executable, "-m", module, *args]
     else:
@@ -101,17 +141,32 @@ def run_workers(
             f"--master_addr={master_addr}", f"--master_port={master_port}",
             "-m", module, *args,
         ]  # fmt: skip
-    return subprocess.call(cmd, env=env)
+    return cmd
 
 
-def launch_env(device: str) -> dict[str, str]:
-    """Extra environment for the training processes (the Ascend port's NPU settings, tcmalloc)."""
+def worker_env(device: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The whole environment of the worker processes: `environ` (default: this process's) with
+    `launch_env(device)` added and the repository first on PYTHONPATH."""
+    environ = os.environ if environ is None else environ
+    env = {**environ, **launch_env(device, environ)}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
+    return env
+
+
+def launch_env(device: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What the launcher adds to `environ` (default: this process's) for the workers: on an NPU,
+    the Ascend port's NPU_ENV (a variable `environ` sets is left as it is) and, unless LD_PRELOAD
+    already holds a tcmalloc, the first of TCMALLOC_PATHS that exists, put in front of LD_PRELOAD;
+    nothing on other devices."""
+    environ = os.environ if environ is None else environ
     env: dict[str, str] = {}
     if device == "npu":
-        env.update({k: v for k, v in NPU_ENV.items() if k not in os.environ})
+        env.update({k: v for k, v in NPU_ENV.items() if k not in environ})
         tcmalloc = next((p for p in TCMALLOC_PATHS if os.path.exists(p)), None)
-        if tcmalloc and tcmalloc not in os.environ.get("LD_PRELOAD", ""):
-            env["LD_PRELOAD"] = ":".join(filter(None, [tcmalloc, os.environ.get("LD_PRELOAD", "")]))
+        preload = environ.get("LD_PRELOAD", "")
+        if tcmalloc and "libtcmalloc" not in preload:  # one allocator: keep one the caller preloads
+            env["LD_PRELOAD"] = ":".join(filter(None, [tcmalloc, preload]))
     return env
 
 

@@ -5,6 +5,7 @@ reports the whole run without keeping every iteration's record."""
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
@@ -14,10 +15,22 @@ VAL_METRICS = ("mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE")
 
 
 class RunningSummary:
-    """step_time_s: mean seconds per iteration without the first `warmup` ones (or the first one
-    when the run has no more than 2 x `warmup` iterations), as the Ascend port's performance script;
-    samples_per_s = batch / that; final_loss: mean of the last `tail` finite losses. Holds the
-    first `warmup` step times, the sum and count of all, and the last `tail` losses."""
+    """The figures of metrics/train.json, two step times among them:
+
+    iter_time_s, the seed's measure (mmcv's per-iteration `time`, which the Ascend port's
+    test/train_performance_8p.sh averages): the mean wall time from the end of one iteration to the
+    end of the next, so waiting for the batch, the step, logging, validation and periodic
+    checkpoints all count (the save after the last iteration does not); over every iteration but
+    the first of each process (its interval holds the start-up). fps = global batch / iter_time_s,
+    the seed's FPS. `end_iteration(now)` marks each iteration's end.
+
+    step_time_s, the step alone: the mean of `add`'s step times (from asking for the batch to the
+    schedule's step: the data wait counts; logging, validation and checkpoints do not) without the
+    first `warmup` iterations (the first one for runs of up to 2 x `warmup`); samples_per_s =
+    global batch / step_time_s.
+
+    final_loss: mean of the last `tail` finite losses. Holds the first `warmup` step times, the sum
+    and count of all, the sum and count of the iteration intervals and the last `tail` losses."""
 
     def __init__(self, warmup: int = 5, tail: int = 10):
         self.warmup, self.tail = warmup, tail
@@ -26,6 +39,9 @@ class RunningSummary:
         self.time_sum = 0.0
         self.first_times: list[float] = []
         self.last_losses: list[float] = []
+        self.interval_sum = 0.0
+        self.interval_count = 0
+        self.last_end: float | None = None  # this process's last iteration end: not saved on resume
 
     def add(self, iteration: int, loss: float, step_time: float) -> None:
         self.iteration = iteration
@@ -35,8 +51,16 @@ class RunningSummary:
             self.first_times.append(step_time)
         self.last_losses = (self.last_losses + [loss])[-self.tail :]
 
+    def end_iteration(self, now: float) -> None:
+        """An iteration ended at `now` (seconds on a monotonic clock); the first call of a process
+        only starts the clock."""
+        if self.last_end is not None:
+            self.interval_sum += now - self.last_end
+            self.interval_count += 1
+        self.last_end = now
+
     def state_dict(self) -> dict:
-        keys = ("iteration", "count", "time_sum", "first_times", "last_losses")
+        keys = ("iteration", "count", "time_sum", "first_times", "last_losses", "interval_sum", "interval_count")
         return {k: getattr(self, k) for k in keys}
 
     def load_state_dict(self, state: dict) -> None:
@@ -48,7 +72,10 @@ class RunningSummary:
         skip = max(skip, 0)
         step_time = (self.time_sum - sum(self.first_times[:skip])) / (self.count - skip) if self.count else math.nan
         tail = [x for x in self.last_losses if math.isfinite(x)]
+        iter_time = self.interval_sum / self.interval_count if self.interval_count else None
         return {
+            "iter_time_s": round(iter_time, 4) if iter_time is not None else None,
+            "fps": round(total_batch / iter_time, 4) if iter_time else None,
             "step_time_s": round(step_time, 4),
             "samples_per_s": round(total_batch / step_time, 4) if step_time > 0 else 0.0,
             "iterations": self.iteration,
@@ -93,6 +120,11 @@ class TrainLog:
             self.live.next_step()
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         self.bar.update()
+
+    def end_iteration(self) -> None:
+        """The iteration's work is done (step, logging, validation): the seed's step time runs
+        from here to here."""
+        self.summary.end_iteration(time.perf_counter())
 
     def validation(self, iteration: int, metrics: dict[str, Any] | None, seconds: float) -> None:
         """Validation after `iteration` (None on the ranks other than 0): at DVCLive step

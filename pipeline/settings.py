@@ -42,12 +42,22 @@ LR_SCALING = ("none", "reference", "linear", "sqrt")
 # `train` settings that say how a run is launched, not what it computes: changing them neither
 # invalidates the train stage's outputs (dvc.yaml lists every other train key) nor the resumable
 # checkpoint (pipeline.train fingerprints every other key). The data loader seeds each item, so
-# the number of workers does not change a sample; a checkpoint's timing does not change a step;
+# the number of workers does not change a sample, nor does pinning the batches' memory or keeping
+# the workers alive; a checkpoint's timing does not change a step;
 # the non-finite guard only decides when a failing run stops. The device, the number of devices
 # and nodes (the per-device batch and how the sampler splits the data) and the precision change
 # the maths and are not here.
 LAUNCH_KEYS = {
-    "train": ("node_rank", "master_addr", "master_port", "checkpoint_interval", "max_nonfinite_steps", "num_workers")
+    "train": (
+        "node_rank",
+        "master_addr",
+        "master_port",
+        "checkpoint_interval",
+        "max_nonfinite_steps",
+        "num_workers",
+        "pin_memory",
+        "persistent_workers",
+    )
 }
 
 
@@ -245,6 +255,9 @@ SCHEMA: dict[str, Any] = {
             "box_weight": Float(0.0),
             "reg_weights": List(Float(0.0), length=10),
             "cls_threshold_to_reg": Float(0.0, 1.0),
+            # The centerness target exp(-|box_target - box|) without its gradient to the box, as the Ascend
+            # port's mmdet.patch trains; false: the reference.
+            "detach_centerness_target": Bool(),
         },
         # The reference's sampler: the Hungarian matching cost and the denoising noise.
         "matching": {
@@ -297,6 +310,8 @@ SCHEMA: dict[str, Any] = {
         "eval_interval": Int(0),  # iterations between validations on the val split; 0: none
         "max_nonfinite_steps": Int(1),
         "num_workers": Int(0),
+        "pin_memory": Bool(),  # page-locked batches for the copy to the accelerator (the Ascend port)
+        "persistent_workers": Bool(),  # keep the loader processes alive (the Ascend port); needs num_workers > 0
         "seed": Int(0),
     },
     "evaluate": {
@@ -371,6 +386,8 @@ def _consistency(data: dict[str, Any], errors: list[str]) -> None:
         rank, nodes = train.get("node_rank"), train.get("nnodes")
         if isinstance(rank, int) and isinstance(nodes, int) and rank >= nodes:
             errors.append(f"train.node_rank: {rank} is not below train.nnodes {nodes}")
+        if train.get("persistent_workers") is True and train.get("num_workers") == 0:
+            errors.append("train.persistent_workers: true needs loader processes (train.num_workers > 0)")
         batch, devices = train.get("total_batch_size"), train.get("devices")
         if isinstance(batch, int) and isinstance(devices, int) and isinstance(nodes, int) and batch % (devices * nodes):
             errors.append(

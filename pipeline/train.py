@@ -38,6 +38,11 @@ from pipeline.files import sha256_of, write_json_atomic
 from pipeline.live import TrainLog
 from pipeline.settings import REFERENCE_BATCH, identity_params
 
+# DistributedDataParallel does not copy rank 0's buffers (BatchNorm's running statistics) to the
+# other ranks before each forward: each keeps its own, as the reference (and the Ascend port) wrap
+# the model (projects/mmdet3d_plugin/apis/mmdet_train.py), and the checkpoint takes rank 0's.
+DDP_BROADCAST_BUFFERS = False
+
 
 class TrainError(RuntimeError):
     """Bad training input or settings; the message names the file or parameter."""
@@ -150,11 +155,13 @@ def training_dataset(params: dict, infos: str) -> Any:
 
 
 def training_loader(dataset: Any, params: dict, dist: Dist, batch_size: int, skip: int) -> torch.utils.data.DataLoader:
-    """The group-in-batch sampler's batches, the first `skip` of them already taken (a resumed run)."""
+    """The group-in-batch sampler's batches, the first `skip` of them already taken (a resumed run).
+    train.pin_memory pins the batches for an accelerator (never on the CPU, where there is nothing
+    to pin for); train.persistent_workers keeps the loader processes between passes over it."""
     from pipeline.dataset import collate
     from pipeline.sampler import GroupInBatchSampler, SeededBatches, SeededDataset
 
-    dp, seed = params["data"], int(params["train"]["seed"])
+    dp, tp, seed = params["data"], params["train"], int(params["train"]["seed"])
     sampler = GroupInBatchSampler(
         dataset.flag,
         batch_size,
@@ -168,9 +175,10 @@ def training_loader(dataset: Any, params: dict, dist: Dist, batch_size: int, ski
     return torch.utils.data.DataLoader(
         SeededDataset(dataset),
         batch_sampler=SeededBatches(sampler, seed * 7919 + dist.rank, skip=skip),
-        num_workers=int(params["train"]["num_workers"]),
+        num_workers=int(tp["num_workers"]),
         collate_fn=collate,
-        persistent_workers=False,
+        pin_memory=bool(tp["pin_memory"]) and dist.device.type != "cpu",
+        persistent_workers=bool(tp["persistent_workers"]),
     )
 
 
@@ -328,7 +336,9 @@ def build_run(params: dict, infos: str, anchors: str, backbone_manifest: str, va
     ddp = model
     if dist.world_size > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.local_rank] if device_type != "cpu" else None
+            model,
+            device_ids=[dist.local_rank] if device_type != "cpu" else None,
+            broadcast_buffers=DDP_BROADCAST_BUFFERS,
         )
     return Run(
         dist, device_type, total_batch, max_iters, dataset, val_dataset, fingerprint, model, ddp, optimizer,
@@ -383,6 +393,7 @@ def train(
             t0 = time.perf_counter()
             metrics = validate_between_steps(model, run.val_dataset, params["convert"], dist)
             log.validation(it, metrics, time.perf_counter() - t0)
+        log.end_iteration()
         if it % checkpoint_interval == 0 or it == run.max_iters:
             summary = log.summary.state_dict()
             checkpointer.save(it, sampler_batches=it, nonfinite_total=nonfinite.total, summary=summary)

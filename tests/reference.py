@@ -14,7 +14,9 @@ these workarounds (nothing else of it is changed):
   ``deformable_aggregation_function`` (which casts to float32) is served by the oracle directly;
 * its unconditional ``.cuda()`` calls (grid mask, ``instance_id``) are no-ops while it runs on a CPU;
 * its ``FocalLoss`` sees negative denoising targets (-1, -3) as background, as mmcv's CUDA op does (mmdet's
-  CPU path one-hot encodes the targets and cannot take negative ones).
+  CPU path one-hot encodes the targets and cannot take negative ones);
+* with ``model.loss.detach_centerness_target`` (the Ascend port's training, the seed profiles), its centerness loss
+  runs mmdet's ``binary_cross_entropy`` with the port's ``mmdet.patch`` applied (``PORT_MMDET_PATCH``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import copy
 import functools
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 import types
@@ -77,6 +80,9 @@ REFERENCE_LOSS: dict[str, Any] = {
     "box_weight": 0.25,
     "reg_weights": [2.0] * 3 + [1.0] * 7,
     "cls_threshold_to_reg": 0.05,
+    # Not in the config: the reference's code (its losses.py, mmdet's binary_cross_entropy) keeps the centerness
+    # target's gradient; True is the Ascend port's patch (PORT_MMDET_PATCH), which build_reference applies.
+    "detach_centerness_target": False,
 }
 REFERENCE_MATCHING: dict[str, Any] = {
     "cls_weight": 2.0,
@@ -87,6 +93,14 @@ REFERENCE_MATCHING: dict[str, Any] = {
 }
 # Our switches away from reference quirks (README "Fidelity") and the value that keeps the reference's maths.
 REFERENCE_SWITCHES: dict[str, Any] = {"correct_projected_yaw": False, "sort_cls_scores": False}
+# The Ascend port of Sparse4D (Ascend/DrivingSDK 9c2fb9ea, model_examples/Sparse4D/mmdet.patch), whose training the
+# seed profiles reproduce: its one hunk, in mmdet's binary_cross_entropy (mmdet/models/losses/cross_entropy_loss.py;
+# the reference's centerness loss is CrossEntropyLoss with use_sigmoid), detaches the label, so the centerness target
+# exp(-|box_target - box|) passes no gradient to the box (our model.loss.detach_centerness_target).
+PORT_MMDET_PATCH = (
+    "        pred, label.float(), pos_weight=class_weight, reduction='none')",
+    "        pred, label.float().detach(), pos_weight=class_weight, reduction='none')",
+)
 
 
 def reference_root() -> Path:
@@ -258,7 +272,7 @@ def _extension_stand_in(name: str) -> types.ModuleType:
     return module
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _import_reference(root: str) -> types.SimpleNamespace:
     """Import the reference's model code once (mmdet registries are global, so it is cached)."""
     # Only the model and op packages: the parents are registered as bare packages over the checkout's folders.
@@ -468,7 +482,29 @@ def build_reference(params: dict, anchor: np.ndarray, use_deformable_func: bool 
     model = build_detector(reference_config(params, anchor, use_deformable_func))
     loss_cls = model.head.loss_cls
     loss_cls.forward = types.MethodType(_focal_loss_with_negative_targets(modules.focal), loss_cls)
+    if {**REFERENCE_LOSS, **(params.get("loss") or {})}["detach_centerness_target"]:
+        # The Ascend port's training: its mmdet.patch, on the criterion of the centerness loss (the one
+        # CrossEntropyLoss of the reference's config, so this is where the port's patch of mmdet acts).
+        loss_cns = model.head.loss_reg.loss_cns
+        original = importlib.import_module("mmdet.models.losses.cross_entropy_loss").binary_cross_entropy
+        if loss_cns.cls_criterion is not original:
+            raise RuntimeError(f"the reference's centerness loss is not mmdet's binary_cross_entropy: {loss_cns}")
+        loss_cns.cls_criterion = ported_binary_cross_entropy()
     return model
+
+
+@functools.cache
+def ported_binary_cross_entropy():
+    """mmdet's `binary_cross_entropy` with the Ascend port's mmdet.patch applied (PORT_MMDET_PATCH): the installed
+    mmdet's own source with that line replaced, compiled in a copy of its module's namespace."""
+    module = importlib.import_module("mmdet.models.losses.cross_entropy_loss")
+    source = inspect.getsource(module.binary_cross_entropy)
+    before, after = PORT_MMDET_PATCH
+    if source.count(before) != 1:
+        raise RuntimeError(f"the port's mmdet.patch does not apply to {module.__file__}: no line {before.strip()!r}")
+    namespace = dict(vars(module))
+    exec(compile(source.replace(before, after), module.__file__, "exec"), namespace)
+    return namespace["binary_cross_entropy"]
 
 
 def _focal_loss_with_negative_targets(focal_module: types.ModuleType):

@@ -6,7 +6,9 @@ frame after frame of a scene with a moving ego.
   after each frame; float32: every decoder's outputs of frame 1 (why not more: the test's docstring);
 * train, float64: frames 1-2 with temporal denoising — every loss term and the gradient of every parameter,
   and the torch and numpy RNG states after each step (the noise must be drawn with the same calls in the same
-  order for a seeded step to be the reference's);
+  order for a seeded step to be the reference's); each profile with its model.loss.detach_centerness_target (the
+  full seed profile: the Ascend port's detach, the reference then runs the port's mmdet.patch), and both values
+  on one demo frame;
 * the demo profile (params.yaml) and the full seed profile (params-full.yaml: ResNet-50, 900 anchors,
   6 decoders); the full profile on a 64 x 176 input instead of 256 x 704 to keep CI short (the
   architecture is what is compared).
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from typing import Any, Iterator
 
 import numpy as np
@@ -127,10 +130,13 @@ class Report:
         assert not self.lines, f"{len(self.lines)} differences from the reference:\n" + "\n".join(self.lines)
 
 
-def build_pair(profile: str, device: str, dtype: torch.dtype = torch.float32):
-    """Ours (perturbed initialisation) and the reference with the same state dict, on `device`."""
+def build_pair(profile: str, device: str, dtype: torch.dtype = torch.float32, detach_centerness_target=None):
+    """Ours (perturbed initialisation) and the reference with the same state dict, on `device`; with
+    detach_centerness_target (default: the profile's) set in both (the reference with the port's mmdet.patch)."""
     require_reference()
     params = reference_params(model_params(profile))
+    if detach_centerness_target is not None:
+        params["loss"] = {**params.get("loss", {}), "detach_centerness_target": detach_centerness_target}
     anchor = realistic_anchor(NUM_ANCHOR[profile], seed=1)
     torch.manual_seed(0)
     np.random.seed(0)
@@ -342,6 +348,73 @@ def test_training_frames_with_temporal_denoising_match_the_reference(profile, de
         assert any(key.startswith("loss_cls_dn_") for key in theirs[0]), "denoising must be active"
     assert "temp_dn_valid_mask" in ref_heads[-1], "temporal denoising must be active on frame 2"
     report.check()
+
+
+def retaining_head_grads(model: torch.nn.Module) -> list:
+    """Like capture_head, and the head's boxes and quality logits keep their gradients."""
+    outputs: list = []
+
+    def hook(module, inputs, output):
+        for key in ("prediction", "quality"):
+            for tensor in output[key]:
+                if tensor is not None and tensor.requires_grad:
+                    tensor.retain_grad()
+        outputs.append(output)
+
+    model.head.register_forward_hook(hook)
+    return outputs
+
+
+def test_the_ports_centerness_detach_matches_the_patched_reference_and_changes_the_box_gradient():
+    """model.loss.detach_centerness_target, both values, on a training frame in float64 (demo profile): every loss
+    and gradient against the reference (True: with the Ascend port's mmdet.patch); then ours between the two values.
+
+    The centerness target exp(-|box_target - box|) is built from the predicted box, and only its gradient changes:
+    the losses are equal, and so is the gradient w.r.t. the centerness logit (d BCE / d logit = sigmoid(logit) -
+    target: the target's value, not its gradient); the gradient w.r.t. the predicted boxes (the target's input)
+    differs, and with it the regression branch's parameters."""
+    device = torch.device("cpu")
+    height, width, bs = TRAIN_INPUT["demo"]
+    frame = make_scene(1, bs, height, width, targets=True, seed=4)[0]
+    runs = {}
+    for detach in (False, True):
+        ours, reference = build_pair("demo", "cpu", torch.float64, detach_centerness_target=detach)
+        assert ours.head.loss_reg.detach_centerness_target is detach
+        ours.train()
+        reference.train()
+        ours_heads, ref_heads = retaining_head_grads(ours), capture_head(reference)
+        mine = training_step(ours, to(frame, device, torch.float64), 11, device, reference=False)
+        theirs = training_step(reference, to(frame, device, torch.float64), 11, device, reference=True)
+        report = Report()
+        compare_head(report, f"detach {detach}:", ours_heads[-1], ref_heads[-1], training=True)
+        assert any(key.startswith("loss_cns_") for key in theirs[0])
+        for key in report.same_keys(f"detach {detach}: loss terms", mine[0], theirs[0]):
+            report.close(f"detach {detach}: {key}", mine[0][key], theirs[0][key])
+        for name in report.same_keys(f"detach {detach}: parameters with a gradient", mine[1], theirs[1]):
+            report.close(f"detach {detach}: grad {name}", mine[1][name], theirs[1][name])
+        report.check()
+        head = ours_heads[-1]
+        quality = [q.grad for q in head["quality"] if q is not None]
+        boxes = [p.grad for p, q in zip(head["prediction"], head["quality"]) if q is not None]
+        runs[detach] = mine[0], mine[1], quality, boxes
+    (loss_kept, grads_kept, quality_kept, boxes_kept), (loss_cut, grads_cut, quality_cut, boxes_cut) = (
+        runs[False],
+        runs[True],
+    )
+    assert quality_kept and all(g is not None for g in quality_kept + boxes_kept + quality_cut + boxes_cut)
+    for key in loss_kept:
+        torch.testing.assert_close(loss_cut[key], loss_kept[key], rtol=0, atol=0)
+    for kept, cut in zip(quality_kept, quality_cut):
+        torch.testing.assert_close(cut, kept, rtol=1e-12, atol=1e-15)
+    box_change = max(float((cut - kept).abs().max()) for kept, cut in zip(boxes_kept, boxes_cut))
+    assert box_change > 1e-6, "the centerness detach must change the gradient w.r.t. the predicted boxes"
+    changed = {n for n in grads_kept if not torch.allclose(grads_cut[n], grads_kept[n], rtol=1e-9, atol=1e-12)}
+    # The refinement modules' branches (model/detection3d.py): boxes (`layers`) and quality (`quality_layers`).
+    box_branch = {n for n in grads_kept if re.fullmatch(r"head\.layers\.\d+\.layers\..*", n)}
+    quality_branch = {n for n in grads_kept if ".quality_layers." in n}
+    assert box_branch and quality_branch
+    assert box_branch & changed, "the centerness detach must change the box branch's gradients"
+    assert not quality_branch & changed, f"the quality branch's gradients changed: {sorted(quality_branch & changed)}"
 
 
 def test_the_reference_op_stand_in_is_the_kernel_oracle():

@@ -120,6 +120,14 @@ def test_launch_keys_are_train_keys():
     assert set(LAUNCH_KEYS) == {"train"} and set(LAUNCH_KEYS["train"]) <= set(SCHEMA["train"])
 
 
+def test_persistent_workers_need_loader_processes():
+    """torch's DataLoader refuses persistent_workers without workers: the params check says so first."""
+    assert problems_with(lambda p: p["train"].update(persistent_workers=True)) == [
+        "train.persistent_workers: true needs loader processes (train.num_workers > 0)"
+    ]
+    assert problems_with(lambda p: p["train"].update(persistent_workers=True, num_workers=2, pin_memory=True)) == []
+
+
 def test_one_place_defines_the_classes_and_versions():
     """No module other than pipeline/settings.py spells out the class list or the version list."""
     found = []
@@ -217,7 +225,7 @@ def test_a_launch_setting_resumes_and_a_model_setting_starts_afresh(tiny_workspa
     assert read and not untracked, f"the train stage reads settings dvc.yaml does not list: {sorted(untracked)}"
 
     launch = dict(num_workers=1, master_port=29999, master_addr="10.0.0.1", checkpoint_interval=1)
-    launch.update(max_nonfinite_steps=3)
+    launch.update(max_nonfinite_steps=3, pin_memory=True, persistent_workers=True)
     assert set(launch) | {"node_rank"} == set(LAUNCH_KEYS["train"])
     resumed = run(tiny_params(iterations=2, **launch))
     assert "resuming from" in resumed and "at iteration 2/2" in resumed
@@ -226,7 +234,8 @@ def test_a_launch_setting_resumes_and_a_model_setting_starts_afresh(tiny_workspa
 
 
 def test_the_number_of_data_workers_does_not_change_the_trained_weights(tiny_workspace, tmp_path, monkeypatch):
-    """Why train.num_workers is a launch setting: each sample is seeded, whichever process loads it."""
+    """Why train.num_workers is a launch setting: each sample is seeded, whichever process loads it
+    (the loader's pin_memory and persistent_workers neither change a sample)."""
     import torch
 
     from pipeline.train import train
@@ -237,7 +246,8 @@ def test_the_number_of_data_workers_does_not_change_the_trained_weights(tiny_wor
     weights = []
     for workers in (0, 2):
         out = tmp_path / f"workers{workers}"
-        train(tiny_params(iterations=2, num_workers=workers), str(data / "train.pkl"), str(data / "anchors.npy"),
+        loader = dict(num_workers=workers, pin_memory=workers > 0, persistent_workers=workers > 0)
+        train(tiny_params(iterations=2, **loader), str(data / "train.pkl"), str(data / "anchors.npy"),
               "ckpt/none.json", str(out), str(out / "train.json"), str(out / "live"))  # fmt: skip
         weights.append(torch.load(out / "model.pth", weights_only=False)["state_dict"])
     assert weights[0].keys() == weights[1].keys()

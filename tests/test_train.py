@@ -88,6 +88,9 @@ def test_resume_after_kill_equals_an_uninterrupted_run(workspace, tmp_path, monk
     params = tiny_params()
     summary = run_train(workspace, tmp_path / "straight", params)
     assert summary["iterations"] == 6 and summary["step_time_s"] > 0 and summary["samples_per_s"] > 0
+    # an iteration's interval holds its step, and more (logging, checkpoints)
+    assert summary["iter_time_s"] >= summary["step_time_s"] - 1e-4
+    assert summary["fps"] == pytest.approx(2 / summary["iter_time_s"], rel=1e-3)
     history = json.loads((tmp_path / "straight" / "train.json").read_text())
     assert history["world_size"] == 1 and history["device"] == "cpu"
     assert (tmp_path / "straight" / "live" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
@@ -185,6 +188,62 @@ def test_the_running_summary_reports_the_whole_run_across_a_resume():
         assert got["step_time_s"] == pytest.approx(np.mean(times[skip:]), abs=1e-4), n
         assert got["final_loss"] == pytest.approx(np.mean(tail), abs=1e-4), n
         assert (got["iterations"], got["global_batch"], got["world_size"], got["nonfinite_steps"]) == (n, 4, 2, 1)
+
+
+def test_iter_time_is_the_seeds_step_time_on_a_fake_timeline():
+    """iter_time_s is mmcv's per-iteration `time` averaged as the seed's train_performance_8p.sh:
+    from one iteration's end to the next (the gap between two steps, logging and a checkpoint
+    say, included), every iteration but the first; a resumed process leaves out its own first
+    one too. fps = global batch / iter_time_s; step_time_s keeps timing the step alone."""
+    from pipeline.live import RunningSummary
+
+    # 6 iterations: each step takes 1 s, and iteration 4 also waits 3 s for a checkpoint or a slow batch
+    ends = [10.0, 11.5, 13.0, 17.5, 19.0, 20.5]  # iteration ends; the first started at 0 (start-up)
+    summary = RunningSummary()
+    for i, end in enumerate(ends):
+        summary.add(i + 1, 1.0, 1.0)
+        summary.end_iteration(end)
+    got = summary.result(48, 8, "npu", 0)
+    assert got["iter_time_s"] == pytest.approx((20.5 - 10.0) / 5) and got["fps"] == pytest.approx(48 / 2.1, abs=1e-4)
+    assert got["step_time_s"] == 1.0 and got["samples_per_s"] == 48.0
+
+    # the same run killed after iteration 3 and resumed: the new process's first interval (start-up,
+    # from 100 to 104) is not counted, the saved intervals are
+    summary = RunningSummary()
+    for i, end in enumerate(ends[:3]):
+        summary.add(i + 1, 1.0, 1.0)
+        summary.end_iteration(end)
+    state = summary.state_dict()
+    summary = RunningSummary()
+    summary.load_state_dict(state)
+    for i, end in enumerate([104.0, 105.5, 107.0]):
+        summary.add(i + 4, 1.0, 1.0)
+        summary.end_iteration(end)
+    assert summary.result(48, 8, "npu", 0)["iter_time_s"] == pytest.approx((1.5 + 1.5 + 1.5 + 1.5) / 4)
+
+    one = RunningSummary()
+    one.add(1, 1.0, 1.0)
+    one.end_iteration(3.0)
+    assert one.result(2, 1, "cpu", 0)["iter_time_s"] is None and one.result(2, 1, "cpu", 0)["fps"] is None
+
+
+def test_ddp_leaves_each_ranks_buffers_as_the_reference(workspace, monkeypatch):
+    """More than one process: DistributedDataParallel with broadcast_buffers=False, as the reference
+    and the Ascend port wrap the model (apis/mmdet_train.py)."""
+    import pipeline.train as train_module
+    from pipeline.devices import Dist
+
+    monkeypatch.chdir(workspace)
+    wrapped = {}
+
+    def fake_ddp(model, **kwargs):
+        wrapped.update(kwargs)
+        return model
+
+    monkeypatch.setattr(train_module, "init_distributed", lambda device: Dist(0, 0, 2, torch.device("cpu")))
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", fake_ddp)
+    train_module.build_run(tiny_params(), "data/infos/train.pkl", "data/anchors.npy", "ckpt/none.json", "")
+    assert wrapped == {"device_ids": None, "broadcast_buffers": False}
 
 
 def test_the_schedule_is_the_cosine_with_warm_up_and_resumes():
