@@ -3,7 +3,10 @@
 # pipeline, model and stages), idempotently, then prints the environment's bin folder.
 #
 # Where: the active virtualenv or (non-base) conda env if there is one — an Ascend user's env with
-# torch 2.1 + torch_npu is used as it is — otherwise `.venv/` in the repository root.
+# torch 2.1 + torch_npu is used as it is: what is installed at a compatible version is kept and only
+# the rest is added (scripts/env_requirements.py), so its torch, torch_npu, mmcv and numpy stay —
+# otherwise `.venv/` in the repository root, with requirements/ installed exactly as pinned.
+# Python 3.9 or newer (dvc 3.67.1, like every dvc since 3.43.0, needs it).
 # The slow step is mmcv-full (built from source with ops); its wheel is cached per torch version,
 # Python version and machine under $SPARSE4D_CACHE (default ~/.cache/sparse4d-pipeline), and a
 # wheel built against one torch is never reused with another.
@@ -14,18 +17,31 @@ req=$root/requirements
 cache=${SPARSE4D_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sparse4d-pipeline}
 mmcv_version=1.7.2
 
+active=1
 if [ -n "${VIRTUAL_ENV:-}" ] && [ "$VIRTUAL_ENV" != "$root/.venv" ]; then
   prefix=$VIRTUAL_ENV
 elif [ -n "${CONDA_PREFIX:-}" ] && [ "${CONDA_DEFAULT_ENV:-base}" != "base" ]; then
   prefix=$CONDA_PREFIX
 else
+  active=0
   prefix=$root/.venv
+fi
+py=$prefix/bin/python
+
+# Python 3.8 resolves nothing: stop before creating or changing anything.
+base_py=$py
+[ -x "$base_py" ] || base_py=python3
+if ! "$base_py" -c 'import sys; sys.exit(sys.version_info < (3, 9))'; then
+  echo "setup: $("$base_py" -V 2>&1) is too old: dvc 3.67.1 (requirements/base.txt; every dvc since 3.43.0) needs Python >= 3.9" >&2
+  exit 1
+fi
+
+if [ "$active" = 0 ]; then
   if [ ! -x "$prefix/bin/python" ]; then
     echo "setup: creating $prefix" >&2
     python3 -m venv "$prefix"
   fi
 fi
-py=$prefix/bin/python
 
 installed_here() {
   # The project is installed (editable) and points at this checkout, not another one.
@@ -34,7 +50,7 @@ sys.exit(os.path.realpath(os.path.dirname(pipeline.__path__[0])) != os.path.real
 }
 
 # A stamp named after the hash of everything that decides the install makes the second run instant.
-stamp=$prefix/.sparse4d-setup-$(cat "$req"/*.txt "$root/scripts/setup.sh" | sha256sum | cut -c1-16)
+stamp=$prefix/.sparse4d-setup-$(cat "$req"/*.txt "$root"/scripts/setup.sh "$root"/scripts/env_requirements.py | sha256sum | cut -c1-16)
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 pipq() {
@@ -44,6 +60,38 @@ pipq() {
     echo "setup: pip $* failed" >&2
     exit 1
   fi
+}
+
+install_requirements() {
+  # requirements files -> the environment. .venv: exactly as pinned. An active environment: only
+  # what is missing or incompatible (scripts/env_requirements.py), printed, with everything kept
+  # (its torch, torch_npu, mmcv, numpy) as constraints, so pip fails rather than replace them.
+  if [ "$active" = 0 ]; then
+    local f
+    for f in "$@"; do pipq install -q -r "$f"; done
+    return
+  fi
+  local cons adds report files
+  files=$(printf ' %s' "${@#"$root"/}")
+  cons=$(mktemp)
+  report=$(mktemp)
+  adds=$("$py" "$root/scripts/env_requirements.py" --constraints "$cons" "$@") || {
+    echo "setup: scripts/env_requirements.py failed" >&2
+    exit 1
+  }
+  if [ -z "$adds" ]; then
+    echo "setup:$files: all installed at compatible versions; adding nothing" >&2
+  else
+    echo "setup: adding to $prefix (the rest of$files is kept as installed):" >&2
+    printf '%s\n' "$adds" | sed 's/\t/  # /; s/^/setup:   /' >&2
+    # shellcheck disable=SC2046  # one requirement (name==version, no spaces) per line
+    pipq install -c "$cons" --report "$report" $(printf '%s\n' "$adds" | cut -f1)
+    echo "setup: pip installed (the above and their dependencies): $("$py" -c '
+import json, sys
+items = json.load(open(sys.argv[1]))["install"]
+print(" ".join(sorted(i["metadata"]["name"] + "==" + i["metadata"]["version"] for i in items)) or "nothing")' "$report")" >&2
+  fi
+  rm -f "$cons" "$report"
 }
 
 install_project() {
@@ -72,7 +120,7 @@ else
   echo "setup: installing torch (requirements/torch.txt)" >&2
   pipq install -q -r "$req/torch.txt"
 fi
-pipq install -q -r "$req/base.txt"
+install_requirements "$req/base.txt"
 
 if "$py" -W ignore -c "import mmcv, mmcv.ops; assert mmcv.__version__.startswith('1.')" 2>/dev/null; then
   echo "setup: keeping the installed mmcv-full $("$py" -W ignore -c 'import mmcv; print(mmcv.__version__)')" >&2
@@ -107,7 +155,7 @@ else
   fi
   pipq install -q --no-deps --force-reinstall "$wheels"/mmcv_full-*.whl
 fi
-pipq install -q -r "$req/openmmlab.txt"
+install_requirements "$req/openmmlab.txt"
 install_project
 
 "$py" -W ignore -c "import torch, mmcv.ops, mmdet.models, nuscenes, dvc" >"$log" 2>&1 || {
