@@ -1,4 +1,5 @@
-"""One accelerator, the full seed model: fp16 training steps as the train stage runs them, against fp32.
+"""One accelerator (CUDA GPU or Ascend NPU), the full seed model: fp16 training steps as the train stage
+runs them, against fp32, and the seed's performance measure.
 
 The model is params-full.yaml's (ResNet-50 with checkpointing, 900 anchors + denoising, 6 decoders) on a
 synthetic batch of the seed's size per device (6 samples x 6 cameras x 256 x 704, 30 boxes each). A step is
@@ -7,7 +8,18 @@ AdamW update — the train stage's step. Mixed precision is the reference's spli
 (backbone, neck, depth net) in fp16, the head and the losses in fp32. Prints the mean step time of each
 precision after warm-up, the ratio, the peak memory and whether every loss and gradient is finite.
 
-Run: python -m benchmarks.device_check [--device cuda] [--batch 6] [--iters 5] [--warmup 2]
+Then the seed's measure (the Ascend port's test/train_performance_8p.sh on one device): `--seed-iters`
+fp16 iterations timed from one iteration's end to the next, averaged over all but the first, and
+FPS = batch / that time. The seed's table is 8 devices at 6 each (global batch 48); one device at
+batch 6 is the same per-device work without the gradient all-reduce.
+
+The summary at the end (device, versions, aggregation backend, figures) is meant to be pasted into
+an issue. Run from the repository root in the project's environment:
+
+    python -m benchmarks.device_check [--device auto|npu|cuda|cpu] [--batch 6] [--iters 5] [--warmup 2]
+        [--seed-iters 50] [--params params-full.yaml]
+
+(`--device cpu --params params.yaml --batch 1` is a quick smoke test of the script itself.)
 """
 
 from __future__ import annotations
@@ -22,7 +34,8 @@ import torch
 import yaml
 
 from model import build_model
-from pipeline.devices import amp_dtype, grad_scaler
+from model.ops.deformable_aggregation import select_backend
+from pipeline.devices import amp_dtype, grad_scaler, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,8 +87,9 @@ def run(precision: str, batch: dict, model_cfg: dict, anchor: np.ndarray, iters:
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=1e-3)
     scaler = grad_scaler(device, precision, init_scale=32.0)
     times, finite = [], True
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    accel = accelerator(device)
+    if accel is not None:
+        accel.reset_peak_memory_stats(device)
     for _ in range(warmup + iters):
         start = time.perf_counter()
         losses = model(batch)
@@ -86,23 +100,78 @@ def run(precision: str, batch: dict, model_cfg: dict, anchor: np.ndarray, iters:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 25.0)
         scaler.step(optimizer)
         scaler.update(32.0)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if accel is not None:
+            accel.synchronize(device)
         times.append(time.perf_counter() - start)
         finite &= bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    peak = accel.max_memory_allocated(device) / 2**30 if accel is not None else float("nan")
     return dict(step_s=float(np.mean(times[warmup:])), finite=finite, loss=float(loss), peak_gib=peak)
 
 
-def main() -> None:
+def accelerator(device: torch.device):
+    """torch.cuda or torch.npu (torch_npu's synchronize and memory statistics), None on the CPU."""
+    return {"cuda": torch.cuda, "npu": getattr(torch, "npu", None)}.get(device.type)
+
+
+def seed_measure(batch: dict, model_cfg: dict, anchor: np.ndarray, iters: int, device: torch.device) -> dict:
+    """The seed's step time: fp16 iterations timed end to end (every iteration but the first)."""
+    torch.manual_seed(0)
+    model = build_model(dict(model_cfg), anchor).to(device)
+    model.set_mixed_precision(amp_dtype(device, "fp16"))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=1e-3)
+    scaler = grad_scaler(device, "fp16", init_scale=32.0)
+    accel = accelerator(device)
+    ends = [time.perf_counter()]
+    for _ in range(iters):
+        loss = sum(model(batch).values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 25.0)
+        scaler.step(optimizer)
+        scaler.update(32.0)
+        float(loss)  # the seed logs the loss every iteration: a host sync, as in its loop
+        if accel is not None:
+            accel.synchronize(device)
+        ends.append(time.perf_counter())
+    gaps = np.diff(ends)[1:]  # every iteration but the first
+    return dict(iter_s=float(np.mean(gaps)), iters=len(gaps))
+
+
+def versions(device: torch.device) -> str:
+    """torch, the accelerator's name and its software, and the aggregation backend "auto" picks."""
+    parts = [f"torch {torch.__version__}"]
+    if device.type == "cuda":
+        parts.append(f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}")
+    elif device.type == "npu":
+        import torch_npu
+
+        parts.append(f"{torch.npu.get_device_name(device)}, torch_npu {torch_npu.__version__}")
+        try:
+            import mx_driving
+
+            parts.append(f"mx_driving {getattr(mx_driving, '__version__', 'installed')}")
+        except ImportError:
+            parts.append("mx_driving not installed")
+    parts.append(f"aggregation backend {select_backend(device)}")
+    return ", ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default="auto", help="auto (an NPU, else a CUDA GPU), npu, cuda or cpu")
     parser.add_argument("--batch", type=int, default=6)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    params = yaml.safe_load((ROOT / "params-full.yaml").read_text())
+    parser.add_argument("--seed-iters", type=int, default=50, help="iterations of the seed's measure (0: skip)")
+    parser.add_argument("--params", default=str(ROOT / "params-full.yaml"), help="the profile whose model is run")
+    args = parser.parse_args(argv)
+    kind = resolve_device(args.device)
+    if kind == "cpu" and args.device == "auto":
+        raise SystemExit("device_check: no NPU or CUDA device is visible (--device cpu runs it on the CPU)")
+    device = torch.device(kind, 0) if kind != "cpu" else torch.device("cpu")
+    params = yaml.safe_load(Path(args.params).read_text())
     height, width = params["data"]["aug"]["final_dim"]
     rng = np.random.default_rng(1)
     num_anchor = int(params["anchors"]["num_anchor"])
@@ -118,9 +187,18 @@ def main() -> None:
             f"peak {r['peak_gib']:.1f} GiB, loss {r['loss']:.3f}, finite {r['finite']}"
         )
     ratio = results["fp16"]["step_s"] / results["fp32"]["step_s"]
-    print(
-        f"fp16 step = {ratio:.2f}x the fp32 step on {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}"
-    )
+    print(f"fp16 step = {ratio:.2f}x the fp32 step on {device}")
+    summary = [f"device_check summary: {versions(device)}", f"  profile {Path(args.params).name}, batch {args.batch}"]
+    for precision, r in results.items():
+        summary.append(f"  {precision}: {r['step_s']:.3f} s/step, peak {r['peak_gib']:.1f} GiB, finite {r['finite']}")
+    if args.seed_iters > 1:
+        seed = seed_measure(batch, params["model"], anchor, args.seed_iters, device)
+        summary.append(
+            f"  the seed's measure (fp16, {seed['iters']} iterations end to end): {seed['iter_s']:.3f} s/iteration, "
+            f"FPS {args.batch / seed['iter_s']:.2f} on this device (the seed's table, 8 devices x 6: "
+            "Atlas 800T A2 NPUs 1.110 s, 43.2 FPS; GPUs 0.777 s, 61.8 FPS)"
+        )
+    print("\n".join(summary))
     if not all(r["finite"] for r in results.values()):
         raise SystemExit("device_check: a non-finite loss or gradient")
 
