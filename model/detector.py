@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -67,8 +68,14 @@ class Sparse4D(nn.Module):
         """img (bs, cams, 3, H, W) -> levels of (bs, cams, C, H/s, W/s) [and dense depths]."""
         bs, num_cams = img.shape[:2]
         img = img.flatten(end_dim=1)
-        amp = self.amp_dtype is not None
-        with torch.autocast(device_type=img.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
+        # No autocast context at all in fp32: torch 2.1 (the Ascend port's) refuses a disabled CPU
+        # autocast whose dtype is not bf16.
+        autocast = (
+            torch.autocast(device_type=img.device.type, dtype=self.amp_dtype)
+            if self.amp_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with autocast:
             if self.use_grid_mask:
                 img = self.grid_mask(img)
             if self.channels_last:
@@ -78,7 +85,7 @@ class Sparse4D(nn.Module):
             depths = None
             if return_depth and self.depth_branch is not None:
                 depths = self.depth_branch(feature_maps, focal)
-        if amp:  # out_fp32
+        if self.amp_dtype is not None:  # out_fp32
             feature_maps = [f.float() for f in feature_maps]
             depths = [d.float() for d in depths] if depths is not None else None
         return feature_maps, depths

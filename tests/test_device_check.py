@@ -16,7 +16,7 @@ def test_device_check_prints_a_summary_with_the_seeds_measure(capsys):
     )  # fmt: skip
     out = capsys.readouterr().out
     assert "device_check summary: torch" in out and "aggregation backend torch" in out
-    assert "fp32:" in out and "fp16:" in out
+    assert "fp32:" in out and "bf16:" in out  # the CPU's autocast dtype
     line = next(x for x in out.splitlines() if "the seed's measure" in x)
     assert "2 iterations end to end" in line and "FPS" in line and "1.110 s" in line
 

@@ -287,9 +287,11 @@ def assert_same_step(mine: tuple[dict, dict], ref: tuple[dict, dict]) -> None:
     for name, grad in ref[1].items():
         norm = grad.double().norm().item()
         diff = (mine[1][name] - grad).double().norm().item()
-        # the backbone's gradients pass the BatchNorm backwards (differences of nearly equal sums over tiny maps),
-        # which amplify float32 rounding: on the full model conv1 differs by 3.3e-3 of its norm
-        rtol = 1e-2 if name.startswith(("img_backbone.", "img_neck.")) else 1e-3
+        # 1e-2 of the gradient's norm: both backends compute in float32 and differ in summation order only, which
+        # a training step amplifies — the full model's conv1 (through BatchNorm backwards) differs by 3.3e-3 on
+        # torch 2.14, and on torch 2.1's kernels the demo's head.anchor_encoder.pos_fc.0.weight by 3.6e-3 (2.3e-5 on
+        # 2.14). A wrong sample, weight or gradient in the double is off by about 100 %.
+        rtol = 1e-2
         assert diff <= rtol * norm + 1e-8, f"grad {name}: |diff| {diff:.3g} for |grad| {norm:.3g}"
         worst = max(worst, (diff / max(norm, 1e-30), name))
     print(f"{len(ref[1])} gradients; largest |diff| / |grad| {worst[0]:.3g} ({worst[1]})")

@@ -87,6 +87,10 @@ class Report:
             if (ours is None) != (ref is None):
                 self.lines.append(f"{name}: ours {type(ours).__name__}, reference {type(ref).__name__}")
             return
+        # numpy's RNG state is uint32, which torch < 2.3 (the Ascend port's 2.1) cannot convert
+        ours, ref = (
+            np.asarray(x, np.int64) if isinstance(x, np.ndarray) and x.dtype.kind == "u" else x for x in (ours, ref)
+        )
         ours, ref = torch.as_tensor(ours).detach().cpu(), torch.as_tensor(ref).detach().cpu()
         if ours.shape != ref.shape:
             self.lines.append(f"{name}: shape {tuple(ours.shape)} vs reference {tuple(ref.shape)}")
