@@ -79,27 +79,37 @@ def synthetic_batch(bs: int, height: int, width: int, num_gt: int, device: torch
     return batch
 
 
-def run(precision: str, batch: dict, model_cfg: dict, anchor: np.ndarray, iters: int, warmup: int, device) -> dict:
+def training_setup(model_cfg: dict, anchor: np.ndarray, device: torch.device, precision: str) -> tuple:
+    """The train stage's model (seeded), AdamW and loss scaler for one precision."""
     torch.manual_seed(0)
     model = build_model(dict(model_cfg), anchor).to(device)
     model.set_mixed_precision(amp_dtype(device, precision))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=1e-3)
-    scaler = grad_scaler(device, precision, init_scale=32.0)
+    return model, optimizer, grad_scaler(device, precision, init_scale=32.0)
+
+
+def train_step(model, optimizer, scaler, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, losses, backward, unscale, clipping at 25, the AdamW update: the loss and gradient norm."""
+    loss = sum(model(batch).values())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 25.0)
+    scaler.step(optimizer)
+    scaler.update(32.0)
+    return loss, norm
+
+
+def run(precision: str, batch: dict, model_cfg: dict, anchor: np.ndarray, iters: int, warmup: int, device) -> dict:
+    model, optimizer, scaler = training_setup(model_cfg, anchor, device, precision)
     times, finite = [], True
     accel = accelerator(device)
     if accel is not None:
         accel.reset_peak_memory_stats(device)
     for _ in range(warmup + iters):
         start = time.perf_counter()
-        losses = model(batch)
-        loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 25.0)
-        scaler.step(optimizer)
-        scaler.update(32.0)
+        loss, norm = train_step(model, optimizer, scaler, batch)
         if accel is not None:
             accel.synchronize(device)
         times.append(time.perf_counter() - start)
@@ -117,22 +127,11 @@ def seed_measure(
     batch: dict, model_cfg: dict, anchor: np.ndarray, iters: int, device: torch.device, precision: str
 ) -> dict:
     """The seed's step time: mixed-precision iterations timed end to end (every iteration but the first)."""
-    torch.manual_seed(0)
-    model = build_model(dict(model_cfg), anchor).to(device)
-    model.set_mixed_precision(amp_dtype(device, precision))
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=1e-3)
-    scaler = grad_scaler(device, precision, init_scale=32.0)
+    model, optimizer, scaler = training_setup(model_cfg, anchor, device, precision)
     accel = accelerator(device)
     ends = [time.perf_counter()]
     for _ in range(iters):
-        loss = sum(model(batch).values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 25.0)
-        scaler.step(optimizer)
-        scaler.update(32.0)
+        loss, _ = train_step(model, optimizer, scaler, batch)
         float(loss)  # the seed logs the loss every iteration: a host sync, as in its loop
         if accel is not None:
             accel.synchronize(device)
