@@ -1,7 +1,8 @@
 """The resumable training state: what `runs/train/checkpoints/latest.pth` holds, and how a run
 that was stopped continues as if it never had been (bit for bit on CPU with a fixed seed).
 
-One file, written atomically by rank 0, with
+One file, written atomically by rank 0 (on node 0) and read by it alone, which sends the state
+to the other ranks on resume (nodes need no shared disk), with
 
 - the model, optimiser, learning-rate schedule and loss scaler (their state dicts);
 - the iteration, the sampler's position (the batches the loop has taken: a resumed run draws
@@ -148,7 +149,7 @@ class Checkpointer:
         rank_state = {"rng": rng_state(), "temporal": temporal_state(self.model, torch.device("cpu"))}
         if self.dist.world_size > 1:
             gathered: list = [None] * self.dist.world_size
-            torch.distributed.all_gather_object(gathered, pickle.dumps(rank_state))
+            torch.distributed.all_gather_object(gathered, pickle.dumps(rank_state), group=self.dist.objects)
             rank_states = [pickle.loads(g) for g in gathered]
         else:
             rank_states = [rank_state]
@@ -172,25 +173,43 @@ class Checkpointer:
         """Load the saved state into the model, optimiser, schedule, scaler and head when `path`
         holds a checkpoint of these settings and this many processes; return its iteration,
         sampler_batches, counters and this rank's RNG state (put back with `set_rng_state` once
-        the data iterator exists: creating one draws a seed), or None to start afresh."""
-        if not self.path.is_file():
-            return None
-        ckpt = torch.load(self.path, map_location="cpu", weights_only=False)
-        ranks = ckpt.get("rank_states") or []
-        if ckpt.get("fingerprint") != self.fingerprint or len(ranks) != self.dist.world_size:
-            if self.dist.main:
-                print(f"train: {self.path} belongs to other settings; starting afresh")
+        the data iterator exists: creating one draws a seed), or None to start afresh.
+
+        Only rank 0 (on node 0, where the DVC stage runs) reads `path`; it sends every other
+        rank the whole state, so nodes without a shared disk resume at the same iteration, and
+        a checkpoint another node may hold is never read."""
+        ckpt = self._read() if self.dist.main else None
+        if self.dist.world_size > 1:
+            box = [ckpt]
+            torch.distributed.broadcast_object_list(box, src=0, group=self.dist.objects)
+            ckpt = box[0]
+        if ckpt is None:
             return None
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
+        ranks = ckpt["rank_states"]
         set_temporal_state(self.model, ranks[self.dist.rank]["temporal"], self.dist.device)
         if self.dist.main:
             print(f"train: resuming from {self.path} at iteration {ckpt['iteration']}/{max_iters}")
+        elif self.dist.local_rank == 0:
+            print(
+                f"train: node {self.dist.node} resumes at iteration {ckpt['iteration']}/{max_iters} (node 0's checkpoint)"
+            )
         return {
             "iteration": ckpt["iteration"],
             "sampler_batches": ckpt["sampler_batches"],
             "counters": ckpt["counters"],
             "rng": ranks[self.dist.rank]["rng"],
         }
+
+    def _read(self) -> dict | None:
+        """The checkpoint at `path` when it is one of these settings and this many processes."""
+        if not self.path.is_file():
+            return None
+        ckpt = torch.load(self.path, map_location="cpu", weights_only=False)
+        if ckpt.get("fingerprint") != self.fingerprint or len(ckpt.get("rank_states") or []) != self.dist.world_size:
+            print(f"train: {self.path} belongs to other settings; starting afresh")
+            return None
+        return ckpt

@@ -148,6 +148,52 @@ REDUCED_READ = {
 }
 
 
+# A JPEG may end in a few padding bytes (0x00 or 0xFF fill, as some cameras write) after its
+# end-of-image marker FF D9; more than this many is taken for a cut or damaged file.
+JPEG_TAIL_WINDOW = 256
+
+
+def _jpeg_is_whole(buf: np.ndarray) -> bool:
+    """Whether the (n,) uint8 bytes of a JPEG end with the end-of-image marker FF D9, followed only
+    by padding within the last ``JPEG_TAIL_WINDOW`` bytes. (FF D9 cannot occur inside the
+    entropy-coded data, where an FF byte is always followed by 00 or a restart marker.)"""
+    tail = buf[-JPEG_TAIL_WINDOW:]
+    content = np.flatnonzero((tail != 0x00) & (tail != 0xFF))
+    if content.size == 0:
+        return False
+    last = int(content[-1])
+    return last >= 1 and tail[last] == 0xD9 and tail[last - 1] == 0xFF
+
+
+def read_image(path: str, flags: int) -> np.ndarray:
+    """``cv2.imread(path, flags)``'s pixels, bit for bit, but a missing, empty or cut file, or one
+    OpenCV cannot decode, is a :class:`DatasetError` naming it (libjpeg decodes a cut JPEG with its
+    lower part grey, and only warns on stderr).
+
+    The file is read once; a JPEG must end with its end-of-image marker, then the same bytes are
+    decoded with the same flags."""
+    try:
+        buf = np.fromfile(path, np.uint8)
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read the image ({err})") from err
+    if buf.size == 0:
+        raise DatasetError(f"{path}: empty image file (0 bytes); re-download or re-copy the file")
+    if buf[0] == 0xFF and buf.size > 1 and buf[1] == 0xD8 and not _jpeg_is_whole(buf):
+        raise DatasetError(
+            f"{path}: truncated or corrupt JPEG (no end-of-image marker; {buf.size} bytes); "
+            "re-download or re-copy the file"
+        )
+    try:
+        pixels = cv2.imdecode(buf, flags)
+    except cv2.error as err:
+        raise DatasetError(f"{path}: cannot decode the image ({err})") from err
+    if pixels is None:
+        raise DatasetError(
+            f"{path}: cannot decode the image (corrupt or not an image); re-download or re-copy the file"
+        )
+    return pixels
+
+
 def _rotate_as_reference(img: np.ndarray, angle: float) -> np.ndarray:
     """PIL's ``Image.rotate(angle)`` (nearest, about the centre, black corners), as the reference."""
     if angle == 0:
@@ -169,9 +215,7 @@ def load_image_fast(path: str, aug: dict, out_wh: tuple[int, int], size_wh: tupl
     step = 1
     while step < 8 and resize * step * 2 <= 1.0:
         step *= 2
-    pixels = cv2.imread(path, REDUCED_READ[step])
-    if pixels is None:
-        raise DatasetError(f"{path}: cannot read the image (missing, truncated or not an image)")
+    pixels = read_image(path, REDUCED_READ[step])
     if pixels.shape[:2] != (math.ceil(height / step), math.ceil(width / step)):
         raise DatasetError(
             f"{path}: the image is {pixels.shape[1] * step}x{pixels.shape[0] * step} (at 1/{step} scale "
@@ -209,9 +253,7 @@ def load_image_chain(path: str, aug: dict, size_wh: tuple[int, int]) -> np.ndarr
     """The reference's chain -> (H, W, 3) uint8 RGB: OpenCV decode (``mmcv.imread``), PIL resize
     to ``(int(W * resize), int(H * resize))``, crop, flip, rotate. size_wh: the (width, height)
     that data.aug expects (the augmentation's crop is drawn for it)."""
-    pixels = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if pixels is None:
-        raise DatasetError(f"{path}: cannot read the image (missing, truncated or not an image)")
+    pixels = read_image(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     height, width = pixels.shape[:2]
     if (width, height) != tuple(size_wh):
         raise DatasetError(
@@ -464,16 +506,22 @@ def normalise(imgs: Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
+POINT_BYTES = 5 * 4  # float32 x, y, z, intensity, ring
+
+
 def _load_points(path: str) -> np.ndarray:
+    """A LiDAR file -> (n, 5) float32 points; an empty file or one cut mid-point is a
+    :class:`DatasetError` naming it and its size."""
     try:
-        points = np.fromfile(path, dtype=np.float32)
+        raw = np.fromfile(path, np.uint8)
     except OSError as err:
         raise DatasetError(f"{path}: cannot read the LiDAR points ({err})") from err
-    if points.size % 5:
+    if raw.size == 0 or raw.size % POINT_BYTES:
         raise DatasetError(
-            f"{path}: expected float32 x 5 per point (x, y, z, intensity, ring), got {points.size} values"
+            f"{path}: {raw.size} bytes, not a non-zero whole number of LiDAR points ({POINT_BYTES} bytes each: "
+            "float32 x, y, z, intensity, ring); re-download or re-copy the file"
         )
-    return points.reshape(-1, 5)
+    return raw.view(np.float32).reshape(-1, 5)
 
 
 def collate(samples: list[dict]) -> dict:

@@ -101,54 +101,135 @@ def backend_for(device: str) -> str:
     return {"npu": "hccl", "cuda": "nccl"}.get(device, "gloo")
 
 
-def run_workers(
-    module: str,
-    args: list[str],
-    device: str,
-    devices: int,
-    nnodes: int = 1,
-    node_rank: int = 0,
-    master_addr: str = "127.0.0.1",
-    master_port: int = 29500,
-) -> int:
-    """Run `python -m module args` once, or under torchrun when devices x nnodes > 1
-    (`worker_command`), with `worker_env(device)`; returns the exit code."""
+# The node a worker runs on, as the launching stage was told (`--node-rank`; node 0 runs the DVC
+# stage), and the address of the workers' process group: node 0's train.master_addr and the port
+# after train.master_port (torchrun's rendezvous holds that one). The workers form their group
+# there with rank = node x devices + local rank, so global rank 0, which reads the checkpoint
+# and writes the stage's outputs, is always on node 0, whatever order the nodes joined in.
+NODE_RANK_ENV = "SPARSE4D_NODE_RANK"
+GROUP_ADDR_ENV = "SPARSE4D_GROUP_ADDR"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How the workers are started: `devices` processes on each of `nnodes` nodes; this is node
+    `node_rank`. torchrun's c10d rendezvous at master_addr:master_port (hosted by node 0) waits
+    `join_timeout` seconds for every node and restarts the whole group up to `max_restarts`
+    times after a worker fails (each restart resumes from the last checkpoint)."""
+
+    devices: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    join_timeout: int = 600
+    max_restarts: int = 0
+
+    @property
+    def torchrun(self) -> bool:
+        return self.devices * self.nnodes > 1 or self.max_restarts > 0
+
+
+class LaunchError(DeviceError):
+    """The workers did not start or did not meet; the message says which setting to look at."""
+
+
+def visible_devices(device: str) -> int:
+    """How many devices of this type (cuda, npu) the process sees."""
+    if device == "cuda":
+        return torch.cuda.device_count()
+    if device == "npu":
+        return torch.npu.device_count()
+    raise ValueError(f"visible_devices: {device!r} is not an accelerator")
+
+
+def resolve_devices(requested: Any, device: str, setting: str) -> int:
+    """The number of processes per node: `auto` -> every visible device of the type, one process
+    on the CPU; a number of accelerators is checked against what is visible before any process
+    starts (a DeviceError naming both numbers). CPU processes are not limited."""
+    if device == "cpu":
+        return 1 if requested == "auto" else int(requested)
+    visible = visible_devices(device)
+    if requested == "auto":
+        return max(1, visible)
+    if int(requested) > visible:
+        raise DeviceError(
+            f"{setting}: {requested} asked, but this machine has {visible} {device} devices visible "
+            f"(set {setting}: auto, or at most {visible})"
+        )
+    return int(requested)
+
+
+def run_workers(module: str, args: list[str], device: str, launch: Launch = Launch()) -> int:
+    """Run `python -m module args` once, or under torchrun (`worker_command`), with
+    `worker_env(device, launch)`; returns the exit code. torchrun's output passes through as it
+    comes; when it ends because a node did not join or node 0 could not be reached, a
+    LaunchError says so with the settings to check."""
     import subprocess
-
-    cmd = worker_command(module, args, devices, nnodes, node_rank, master_addr, master_port)
-    return subprocess.call(cmd, env=worker_env(device))
-
-
-def worker_command(
-    module: str,
-    args: list[str],
-    devices: int,
-    nnodes: int = 1,
-    node_rank: int = 0,
-    master_addr: str = "127.0.0.1",
-    master_port: int = 29500,
-) -> list[str]:
-    """The command line of `run_workers`: `python -m module args`, under torchrun when
-    devices x nnodes > 1."""
     import sys
 
-    if devices * nnodes == 1:
-        cmd = [sys.executable, "-m", module, *args]
-    else:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run",
-            f"--nproc_per_node={devices}", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
-            f"--master_addr={master_addr}", f"--master_port={master_port}",
-            "-m", module, *args,
-        ]  # fmt: skip
-    return cmd
+    cmd = worker_command(module, args, launch)
+    env = worker_env(device, launch=launch)
+    if not launch.torchrun:
+        return subprocess.call(cmd, env=env)
+    tail = b""
+    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE) as proc:
+        assert proc.stderr is not None
+        while True:
+            chunk = proc.stderr.read1(65536) if hasattr(proc.stderr, "read1") else proc.stderr.read(4096)
+            if not chunk:
+                break
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.buffer.flush()
+            tail = (tail + chunk)[-200_000:]
+        code = proc.wait()
+    if code != 0:
+        _raise_for_rendezvous(tail.decode(errors="replace"), launch)
+    return code
 
 
-def worker_env(device: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+def _raise_for_rendezvous(stderr: str, launch: Launch) -> None:
+    where = f"{launch.master_addr}:{launch.master_port}"
+    others = "python -m stages.train --node-rank K (K = 1 .. train.nnodes - 1)"
+    if "RendezvousTimeoutError" in stderr:
+        raise LaunchError(
+            f"not all {launch.nnodes} nodes joined the rendezvous at {where} within train.join_timeout = "
+            f"{launch.join_timeout} s; on every other node run `{others}` on the same commit, params and data"
+        )
+    if "RendezvousConnectionError" in stderr or "DistNetworkError" in stderr:
+        raise LaunchError(
+            f"node {launch.node_rank} could not reach node 0's rendezvous at {where} (train.master_addr, "
+            "train.master_port): is node 0 running `dvc repro` (or `dvc exp run`), and is the port open?"
+        )
+
+
+def worker_command(module: str, args: list[str], launch: Launch = Launch()) -> list[str]:
+    """The command line of `run_workers`: `python -m module args`, under torchrun (c10d
+    rendezvous hosted by node 0, the nodes' number fixed, restarts as asked) when there is more
+    than one process or restarts are asked for."""
+    import sys
+
+    if not launch.torchrun:
+        return [sys.executable, "-m", module, *args]
+    host = "1" if launch.node_rank == 0 else "0"
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc_per_node={launch.devices}", f"--nnodes={launch.nnodes}",
+        "--rdzv_backend=c10d", f"--rdzv_endpoint={launch.master_addr}:{launch.master_port}",
+        f"--rdzv_conf=join_timeout={launch.join_timeout},read_timeout={launch.join_timeout},is_host={host}",
+        f"--max_restarts={launch.max_restarts}",
+        "-m", module, *args,
+    ]  # fmt: skip
+
+
+def worker_env(device: str, environ: Mapping[str, str] | None = None, launch: Launch = Launch()) -> dict[str, str]:
     """The whole environment of the worker processes: `environ` (default: this process's) with
-    `launch_env(device)` added and the repository first on PYTHONPATH."""
+    `launch_env(device)` added, the node's rank and the workers' group address (NODE_RANK_ENV,
+    GROUP_ADDR_ENV), and the repository first on PYTHONPATH."""
     environ = os.environ if environ is None else environ
     env = {**environ, **launch_env(device, environ)}
+    env[NODE_RANK_ENV] = str(launch.node_rank)
+    env[GROUP_ADDR_ENV] = f"{launch.master_addr}:{launch.master_port + 1}"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
     return env
@@ -176,17 +257,26 @@ class Dist:
     local_rank: int
     world_size: int
     device: torch.device
+    node: int = 0
+    # the group for pickled objects (checkpoint state, validation results): gloo, which moves
+    # them on the CPU whatever the device's backend; None: the default group
+    objects: Any = None
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed(device_type: str) -> Dist:
-    """Join the process group torchrun set up (or run alone) and pick this process's device."""
+def init_distributed(device_type: str, timeout_s: int = 1800) -> Dist:
+    """Join the other processes (or run alone) and pick this process's device.
+
+    Started by our launcher (`run_workers`), the workers form their group at GROUP_ADDR_ENV with
+    rank = node x local world size + local rank (node 0 holds rank 0); started by a plain
+    torchrun, they take torchrun's ranks (env://)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank = int(os.environ.get("RANK", "0"))
+    node = int(os.environ.get(NODE_RANK_ENV, os.environ.get("GROUP_RANK", "0")))
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -195,9 +285,24 @@ def init_distributed(device_type: str) -> Dist:
         device = torch.device("npu", local_rank)
     else:
         device = torch.device("cpu")
+    objects = None
     if world_size > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend=backend_for(device_type), rank=rank, world_size=world_size)
-    return Dist(rank, local_rank, world_size, device)
+        import datetime
+
+        backend, timeout = backend_for(device_type), datetime.timedelta(seconds=timeout_s)
+        if GROUP_ADDR_ENV in os.environ:
+            rank = node * int(os.environ.get("LOCAL_WORLD_SIZE", "1")) + local_rank
+            torch.distributed.init_process_group(
+                backend, init_method=f"tcp://{os.environ[GROUP_ADDR_ENV]}", rank=rank, world_size=world_size,
+                timeout=timeout,
+            )  # fmt: skip
+        else:
+            torch.distributed.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        if backend != "gloo":
+            objects = torch.distributed.new_group(backend="gloo")
+    elif world_size > 1:
+        rank = torch.distributed.get_rank()
+    return Dist(rank, local_rank, world_size, device, node, objects)
 
 
 def to_device(obj: Any, device: torch.device, non_blocking: bool = False, copy: bool = False) -> Any:

@@ -49,9 +49,10 @@ LR_SCALING = ("none", "reference", "linear", "sqrt")
 # the maths and are not here.
 LAUNCH_KEYS = {
     "train": (
-        "node_rank",
         "master_addr",
         "master_port",
+        "join_timeout",
+        "max_restarts",
         "checkpoint_interval",
         "max_nonfinite_steps",
         "num_workers",
@@ -189,6 +190,8 @@ def _range(item: Spec) -> List:
 
 
 DEVICE = Choice("auto", "npu", "cuda", "cpu")
+# processes per node: a number, or auto (every visible device of the type; one process on the CPU)
+DEVICES = Either(Int(1), Choice("auto"))
 PROBABILITY = Float(0.0, 1.0)
 
 # Every key of params.yaml. A nested dict is a section; every key is required.
@@ -288,11 +291,12 @@ SCHEMA: dict[str, Any] = {
     },
     "train": {
         "device": DEVICE,
-        "devices": Int(1),
+        "devices": DEVICES,
         "nnodes": Int(1),
-        "node_rank": Int(0),
         "master_addr": Str(),
-        "master_port": Int(1, 65535),
+        "master_port": Int(1, 65534),  # and the next port
+        "join_timeout": Int(1),  # seconds
+        "max_restarts": Int(0),
         "total_batch_size": Int(1),
         "iterations": Int(0),
         "epochs": Float(0.0, lo_open=True),
@@ -316,9 +320,10 @@ SCHEMA: dict[str, Any] = {
     },
     "evaluate": {
         "device": DEVICE,
-        "devices": Int(1),
+        "devices": DEVICES,
         "checkpoint": Str(),
         "precision": Choice("auto", "fp32", "fp16", "bf16"),
+        "fuse_conv_bn": Bool(),
         "tracking_threshold": PROBABILITY,
         "draw_frames": Int(0),
         "draw_score_threshold": PROBABILITY,
@@ -339,9 +344,17 @@ def _known(schema: dict[str, Any], prefix: str = "") -> list[str]:
 KNOWN_KEYS = tuple(_known(SCHEMA))
 
 
+# Keys earlier versions had, with what replaced them.
+RETIRED = {
+    "train.node_rank": "no longer a setting: node 0 runs `dvc repro`, node K runs `python -m stages.train --node-rank K`",
+}
+
+
 def _unknown(dotted: str, section: dict[str, Any], prefix: str) -> str:
     """The message for an unknown key: the same name in another section (a key put under the wrong
     one) and its close matches in its own section, else the section's keys."""
+    if dotted in RETIRED:
+        return f"{dotted}: {RETIRED[dotted]}"
     leaf = dotted.rsplit(".", 1)[-1]
     elsewhere = [k for k in KNOWN_KEYS if k.rsplit(".", 1)[-1] == leaf]
     near = elsewhere + [prefix + k for k in difflib.get_close_matches(leaf, list(section), n=3, cutoff=0.6)]
@@ -383,9 +396,7 @@ def _consistency(data: dict[str, Any], errors: list[str]) -> None:
         if isinstance(dims, int) and isinstance(groups, int) and groups > 0 and dims % groups:
             errors.append(f"model.embed_dims: {dims} is not divisible by model.num_groups {groups}")
     if isinstance(train, dict):
-        rank, nodes = train.get("node_rank"), train.get("nnodes")
-        if isinstance(rank, int) and isinstance(nodes, int) and rank >= nodes:
-            errors.append(f"train.node_rank: {rank} is not below train.nnodes {nodes}")
+        nodes = train.get("nnodes")
         if train.get("persistent_workers") is True and train.get("num_workers") == 0:
             errors.append("train.persistent_workers: true needs loader processes (train.num_workers > 0)")
         batch, devices = train.get("total_batch_size"), train.get("devices")

@@ -290,6 +290,25 @@ class Run:
     static_scale: float | None  # train.loss_scale, None: dynamic
 
 
+def same_run_everywhere(fingerprint: str, dist: Dist, inputs: list[str]) -> None:
+    """Every process must train the same thing: a node with other params, inputs or code (its
+    own copy of the project) stops the run, naming the node, before any step."""
+    if dist.world_size == 1:
+        return
+    import socket
+
+    every: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(every, (fingerprint, dist.node, socket.gethostname()), group=dist.objects)
+    reference = every[0][0]
+    for rank, (theirs, node, host) in enumerate(every):
+        if theirs != reference:
+            raise TrainError(
+                f"node {node} ({host}, rank {rank}) has other settings, inputs or code than node 0 (run fingerprint "
+                f"{theirs}, node 0: {reference}): give every node the same commit, params file, "
+                f"{' and '.join(inputs)}"
+            )
+
+
 def build_run(params: dict, infos: str, anchors: str, backbone_manifest: str, val_infos: str) -> Run:
     """Check the inputs, seed every RNG, and make the datasets, model, optimiser, schedule and
     loss scaler (in this order: the model's initial weights come from the seeded torch RNG)."""
@@ -322,6 +341,7 @@ def build_run(params: dict, infos: str, anchors: str, backbone_manifest: str, va
         code_digest(),
         dist.world_size,
     )
+    same_run_everywhere(fingerprint, dist, [infos, anchors])
     model = training_model(mp, anchor, backbone_manifest, dist)
     lr = scaled_lr(float(tp["lr"]), total_batch, str(tp["lr_scaling"]))
     if dist.main and lr != float(tp["lr"]):

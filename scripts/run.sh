@@ -2,6 +2,7 @@
 # The README's two entry points:
 #   bash scripts/run.sh repro [dvc repro args]   install (idempotent), then run the pipeline
 #   bash scripts/run.sh test  [pytest args]      install (idempotent), then run the test suite
+#   bash scripts/run.sh train-node K [args]      install, then join node 0's training as node K (train.nnodes > 1)
 # Any other command runs inside the installed environment: bash scripts/run.sh dvc metrics show
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -13,5 +14,6 @@ cmd=${1:-repro}
 case "$cmd" in
   repro) exec dvc repro "$@" ;;
   test) exec python -m pytest "$@" ;;
+  train-node) exec python -m stages.train --node-rank "$@" ;;
   *) exec "$cmd" "$@" ;;
 esac

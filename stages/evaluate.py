@@ -1,5 +1,5 @@
 """DVC stage `evaluate`: inference over the val infos, official nuScenes detection and tracking
-metrics, charts and pictures; distributed with torchrun when evaluate.devices > 1."""
+metrics, charts and pictures; distributed with torchrun when evaluate.devices (or auto: every visible device) > 1."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from pipeline.cli import run_stage, stage_parser
-from pipeline.devices import DeviceError, resolve_device, run_workers
+from pipeline.devices import DeviceError, Launch, resolve_device, resolve_devices, run_workers
 from pipeline.params import ParamsError, read_params
 from pipeline.settings import LAUNCH_KEYS
 
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     params = read_params(args.params)
     ep = params["evaluate"]
     device = resolve_device(str(ep["device"]))
-    devices = int(ep["devices"])
+    devices = resolve_devices(ep["devices"], device, "evaluate.devices")
     # The checkpoint scored is exactly the one named: --checkpoint, else evaluate.checkpoint
     # (dvc.yaml passes the param, which is also the stage's dependency).
     checkpoint = str(ep["checkpoint"]) if args.checkpoint is None else args.checkpoint
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         "--params", args.params, "--infos", args.infos, "--checkpoint", checkpoint,
         "--out", args.out, "--metrics", args.metrics, "--plots", args.plots,
     ]  # fmt: skip
-    code = run_workers("pipeline.evaluate", worker_args, device, devices)
+    code = run_workers("pipeline.evaluate", worker_args, device, Launch(devices=devices))
     if code == 0:
         note = accuracy_note(params, json.loads(Path(args.metrics).read_text()))
         if note:

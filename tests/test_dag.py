@@ -221,7 +221,7 @@ def test_dvc_status_follows_code_and_model_settings_not_launch_settings(project)
         finally:
             params.write_text(original)
 
-    assert with_train(num_workers=7, master_port=29999, checkpoint_interval=5, node_rank=0) == set()
+    assert with_train(num_workers=7, master_port=29999, checkpoint_interval=5, max_restarts=2, join_timeout=60) == set()
     assert with_train(lr=1e-4) == {"train"}
     settings = project / "pipeline" / "settings.py"
     settings.write_text(settings.read_text() + "\n# a change\n")

@@ -7,13 +7,26 @@ from __future__ import annotations
 
 import os
 import pickle
+from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline.convert import convert
-from pipeline.dataset import IMG_MEAN, IMG_STD, DatasetError, Sparse4DDataset, collate, lidar2img_matrices
+from pipeline.dataset import (
+    IMG_MEAN,
+    IMG_STD,
+    REDUCED_READ,
+    DatasetError,
+    Sparse4DDataset,
+    collate,
+    lidar2img_matrices,
+    load_image_chain,
+    load_image_fast,
+    read_image,
+)
 from pipeline.sampler import GroupInBatchSampler, SamplerError
 from pipeline.settings import CLASSES as DETECTION_CLASSES
 
@@ -266,16 +279,39 @@ def test_boxes_without_lidar_points_are_dropped_unless_use_valid_flag(infos_pkl,
     assert kept == {False: n - radar_only.sum(), True: n}
 
 
-def test_unreadable_image_names_the_file(infos_pkl, tmp_path):
+def first_info(infos_pkl: Path) -> dict:
+    """The info that the dataset's index 0 loads (the earliest)."""
+    with open(infos_pkl, "rb") as f:
+        return min(pickle.load(f)["infos"], key=lambda info: info["timestamp"])
+
+
+def infos_with_files(infos_pkl: Path, tmp_path: Path, image: Path | None = None, lidar: Path | None = None) -> Path:
+    """A copy of the infos whose earliest sample reads `image` as CAM_FRONT and `lidar` as its points."""
     with open(infos_pkl, "rb") as f:
         data = pickle.load(f)
-    bad = tmp_path / "broken.jpg"
-    bad.write_bytes(b"not a jpeg")
-    data["infos"][0]["cams"]["CAM_FRONT"]["data_path"] = str(bad)
+    first = min(data["infos"], key=lambda info: info["timestamp"])
+    if image is not None:
+        first["cams"]["CAM_FRONT"]["data_path"] = str(image)
+    if lidar is not None:
+        first["lidar_path"] = str(lidar)
     path = tmp_path / "infos.pkl"
     with open(path, "wb") as f:
         pickle.dump(data, f)
-    ds = Sparse4DDataset(str(path), CLASSES, AUG, test_mode=True)
+    return path
+
+
+def copy_of(src: str | Path, dest_dir: Path, cut: int = 0, pad: bytes = b"") -> Path:
+    """A copy of `src` in `dest_dir` without its last `cut` bytes and with `pad` appended."""
+    data = Path(src).read_bytes()
+    dest = dest_dir / Path(src).name
+    dest.write_bytes(data[: len(data) - cut] + pad)
+    return dest
+
+
+def test_unreadable_image_names_the_file(infos_pkl, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    ds = Sparse4DDataset(str(infos_with_files(infos_pkl, tmp_path, image=bad)), CLASSES, AUG, test_mode=True)
     with pytest.raises(DatasetError, match="broken.jpg"):
         ds[0]
     with pytest.raises(DatasetError, match="missing.pkl"):
@@ -285,4 +321,65 @@ def test_unreadable_image_names_the_file(infos_pkl, tmp_path):
 def test_source_size_other_than_data_aug_is_a_clear_error(infos_pkl):
     ds = Sparse4DDataset(str(infos_pkl), CLASSES, {**AUG, "W": 800, "H": 450}, test_mode=True)
     with pytest.raises(DatasetError, match=r"data.aug says W x H = 800x450"):
+        ds[0]
+
+
+def twin_jpegs(small_twin: Path) -> list[Path]:
+    """The first key frame's image of each camera in the twin."""
+    return [
+        sorted((small_twin / "samples").glob(f"{cam}/*.jpg"))[0]
+        for cam in sorted(os.listdir(small_twin / "samples"))
+        if cam.startswith("CAM_")
+    ]
+
+
+@pytest.mark.parametrize("flags", [*REDUCED_READ.values(), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION])
+def test_checked_image_reader_decodes_as_cv2_imread(small_twin, flags):
+    """Reading the bytes, checking the end marker and decoding them gives imread's pixels, bit for bit."""
+    paths = twin_jpegs(small_twin)
+    assert len(paths) == 6
+    for path in paths:
+        np.testing.assert_array_equal(read_image(str(path), flags), cv2.imread(str(path), flags))
+
+
+def test_cut_jpeg_is_an_error_naming_the_file(infos_pkl, tmp_path):
+    """A JPEG cut to its first 5 kB (libjpeg would decode it with its lower part grey) is refused
+    by both image paths and by the dataset; so is a missing file."""
+    src = Path(first_info(infos_pkl)["cams"]["CAM_FRONT"]["data_path"])
+    cut = copy_of(src, tmp_path, cut=src.stat().st_size - 5000)
+    assert cv2.imread(str(cut)) is not None  # what the check is for: OpenCV alone accepts it
+    aug = {"resize": 0.45, "resize_dims": (288, 162), "crop": (16, 34, 272, 162), "flip": False, "rotate": 0.0}
+    message = rf"{cut.name}: truncated or corrupt JPEG"
+    with pytest.raises(DatasetError, match=message):
+        load_image_fast(str(cut), aug, (256, 128), (640, 360))
+    with pytest.raises(DatasetError, match=message):
+        load_image_chain(str(cut), aug, (640, 360))
+    for fast in (True, False):
+        ds = Sparse4DDataset(
+            str(infos_with_files(infos_pkl, tmp_path, image=cut)), CLASSES, AUG, test_mode=True, fast_images=fast
+        )
+        with pytest.raises(DatasetError, match=message):
+            ds[0]
+    with pytest.raises(DatasetError, match="missing.jpg"):
+        load_image_chain(str(tmp_path / "missing.jpg"), aug, (640, 360))
+
+
+def test_jpeg_with_trailing_zero_padding_loads(small_twin, tmp_path):
+    """Padding after the end-of-image marker, as some cameras write, is accepted: the same pixels."""
+    src = twin_jpegs(small_twin)[0]
+    padded = copy_of(src, tmp_path, pad=bytes(64))
+    for flags in REDUCED_READ.values():
+        np.testing.assert_array_equal(read_image(str(padded), flags), cv2.imread(str(src), flags))
+
+
+def test_cut_lidar_file_is_an_error_naming_it(infos_pkl, tmp_path):
+    """A LiDAR file cut by 7 bytes (not a whole point) or emptied is refused with its name and size."""
+    src = Path(first_info(infos_pkl)["lidar_path"])
+    cut = copy_of(src, tmp_path, cut=7)
+    size = src.stat().st_size - 7
+    ds = Sparse4DDataset(str(infos_with_files(infos_pkl, tmp_path, lidar=cut)), CLASSES, AUG, photometric=False)
+    with pytest.raises(DatasetError, match=rf"{cut.name}: {size} bytes"):
+        ds[0]
+    cut.write_bytes(b"")
+    with pytest.raises(DatasetError, match=rf"{cut.name}: 0 bytes"):
         ds[0]

@@ -4,6 +4,7 @@ profiles (DrivingSDK 9c2fb9ea, model_examples/Sparse4D)."""
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import types
@@ -18,6 +19,7 @@ from pipeline.devices import (
     NPU_ENV,
     DeviceError,
     Dist,
+    Launch,
     launch_env,
     resolve_device,
     run_workers,
@@ -83,20 +85,37 @@ def test_no_tcmalloc_no_preload_and_nothing_added_off_the_npu(monkeypatch):
     assert launch_env("npu", environ={}) == seed_exports()
     for device in ("cpu", "cuda"):
         assert launch_env(device, environ={}) == {}
-        assert worker_env(device, environ={"A": "1"}) == {"A": "1", "PYTHONPATH": str(ROOT)}
+        env = worker_env(device, environ={"A": "1"})
+        assert {k: v for k, v in env.items() if not k.startswith("SPARSE4D_")} == {"A": "1", "PYTHONPATH": str(ROOT)}
 
 
 def test_the_launcher_runs_torchrun_with_that_environment(only_the_seeds_tcmalloc, monkeypatch):
-    assert worker_command("pipeline.train", ["--x", "1"], 1) == [sys.executable, "-m", "pipeline.train", "--x", "1"]
-    cmd = worker_command("pipeline.train", ["--x", "1"], 8, 1, 0, "127.0.0.1", 29512)
+    assert worker_command("pipeline.train", ["--x", "1"]) == [sys.executable, "-m", "pipeline.train", "--x", "1"]
+    launch = Launch(devices=8, master_port=29512)
+    cmd = worker_command("pipeline.train", ["--x", "1"], launch)
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert cmd[-4:] == ["-m", "pipeline.train", "--x", "1"]
-    assert {"--nproc_per_node=8", "--nnodes=1", "--node_rank=0", "--master_port=29512"} <= set(cmd)
+    assert {"--nproc_per_node=8", "--nnodes=1", "--rdzv_endpoint=127.0.0.1:29512", "--max_restarts=0"} <= set(cmd)
     calls = []
-    monkeypatch.setattr("subprocess.call", lambda cmd, env: calls.append((cmd, env)) or 0)
+
+    class Proc:  # subprocess.Popen as run_workers uses it: a context, stderr read to its end
+        def __init__(self, cmd, env, stderr):
+            calls.append((cmd, env))
+            self.stderr = io.BytesIO(b"")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr("subprocess.Popen", Proc)
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.delenv("HOST_CACHE_CAPACITY", raising=False)
-    assert run_workers("pipeline.train", ["--x", "1"], "npu", 8, master_port=29512) == 0
+    assert run_workers("pipeline.train", ["--x", "1"], "npu", launch) == 0
     ((got_cmd, got_env),) = calls
     assert got_cmd == cmd and got_env["HOST_CACHE_CAPACITY"] == "20" and got_env["LD_PRELOAD"] == SEED_TCMALLOC
 

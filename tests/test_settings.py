@@ -80,8 +80,8 @@ def test_an_unknown_key_far_from_any_lists_the_section():
         ("train", "lr", "fast", "train.lr: expected a number > 0.0, got 'fast'"),
         ("train", "lr", 0, "train.lr: expected a number > 0.0, got 0"),
         ("train", "lr_scaling", "cubic", "train.lr_scaling: expected one of none, reference, linear, sqrt"),
-        ("train", "devices", 2.5, "train.devices: expected an integer >= 1, got 2.5"),
-        ("train", "master_port", 70000, "train.master_port: expected an integer in [1, 65535], got 70000"),
+        ("train", "devices", 2.5, "train.devices: expected an integer >= 1 or one of auto, got 2.5"),
+        ("train", "master_port", 70000, "train.master_port: expected an integer in [1, 65534], got 70000"),
         ("train", "loss_scale", "auto", "train.loss_scale: expected a number > 0.0 or one of dynamic"),
         ("data", "skip_prob", 1.5, "data.skip_prob: expected a number in [0.0, 1.0], got 1.5"),
         ("data", "photometric", "yes", "data.photometric: expected true or false, got 'yes'"),
@@ -107,7 +107,14 @@ def test_nested_values_and_rules_between_settings_are_checked():
     assert problems_with(lambda p: p["model"].update(num_single_frame_decoder=4)) == [
         "model.num_single_frame_decoder: 4 is more than model.num_decoder"
     ]
-    assert problems_with(lambda p: p["train"].update(node_rank=1)) == ["train.node_rank: 1 is not below train.nnodes 1"]
+    # the node's rank is not a setting: node 0 runs the DVC stage, the others `--node-rank K`
+    assert problems_with(lambda p: p["train"].update(node_rank=1)) == [
+        "train.node_rank: no longer a setting: node 0 runs `dvc repro`, node K runs `python -m stages.train --node-rank K`"
+    ]
+    assert problems_with(lambda p: p["evaluate"].update(devices="all")) == [
+        "evaluate.devices: expected an integer >= 1 or one of auto, got 'all'"
+    ]
+    assert problems_with(lambda p: p["train"].update(devices="auto", total_batch_size=3)) == []
     # YAML 1.1 reads `1e-3` (no dot) as a string; the code's float() takes it, so the check does too.
     assert problems_with(lambda p: p["train"].update(lr="1e-3")) == []
     # The number of anchors is the anchors stage's (anchors.num_anchor); the model takes the file's rows.
@@ -226,7 +233,8 @@ def test_a_launch_setting_resumes_and_a_model_setting_starts_afresh(tiny_workspa
 
     launch = dict(num_workers=1, master_port=29999, master_addr="10.0.0.1", checkpoint_interval=1)
     launch.update(max_nonfinite_steps=3, pin_memory=True, persistent_workers=True)
-    assert set(launch) | {"node_rank"} == set(LAUNCH_KEYS["train"])
+    launch.update(join_timeout=30, max_restarts=1)
+    assert set(launch) == set(LAUNCH_KEYS["train"])
     resumed = run(tiny_params(iterations=2, **launch))
     assert "resuming from" in resumed and "at iteration 2/2" in resumed
     afresh = run(tiny_params(iterations=2, checkpoint_interval=2, lr=1e-3))

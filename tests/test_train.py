@@ -241,9 +241,29 @@ def test_ddp_leaves_each_ranks_buffers_as_the_reference(workspace, monkeypatch):
         return model
 
     monkeypatch.setattr(train_module, "init_distributed", lambda device: Dist(0, 0, 2, torch.device("cpu")))
+    monkeypatch.setattr(train_module, "same_run_everywhere", lambda *args: None)  # no other process to ask
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", fake_ddp)
     train_module.build_run(tiny_params(), "data/infos/train.pkl", "data/anchors.npy", "ckpt/none.json", "")
     assert wrapped == {"device_ids": None, "broadcast_buffers": False}
+
+
+def test_a_node_with_other_settings_or_code_stops_the_run_naming_it(monkeypatch):
+    """Each node has its own copy of the project: before the first step every process compares
+    its run fingerprint (settings, inputs, code) with rank 0's."""
+    from pipeline.devices import Dist
+    from pipeline.train import same_run_everywhere
+
+    every = [("aaaa", 0, "host-a"), ("aaaa", 0, "host-a"), ("bbbb", 1, "host-b"), ("aaaa", 1, "host-b")]
+
+    def all_gather_object(out, obj, group=None):
+        out[:] = every
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    dist = Dist(3, 1, 4, torch.device("cpu"), node=1)
+    with pytest.raises(TrainError, match=r"node 1 \(host-b, rank 2\) has other settings, inputs or code than node 0"):
+        same_run_everywhere("aaaa", dist, ["data/infos/train.pkl", "data/anchors.npy"])
+    every[2] = ("aaaa", 1, "host-b")
+    same_run_everywhere("aaaa", dist, ["data/infos/train.pkl", "data/anchors.npy"])
 
 
 def test_the_schedule_is_the_cosine_with_warm_up_and_resumes():
