@@ -172,6 +172,44 @@ def gather_results(results: dict[int, dict], world_size: int) -> dict[int, dict]
     return {k: v for part in gathered for k, v in part.items()}
 
 
+# Frames run before the inference speed is timed, as the reference's tools/benchmark.py (num_warmup 5).
+WARMUP_FRAMES = 5
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA, NPU), so that a timer around a model call sees it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)
+
+
+class InferenceTimer:
+    """Frames per second of the model alone, as the reference's tools/benchmark.py: each model
+    call timed between device synchronisations, data loading excluded, the first WARMUP_FRAMES
+    frames not counted."""
+
+    def __init__(self, device: torch.device, warmup: int | None = None):
+        self.device, self.frames, self.seconds = device, 0, 0.0
+        self.warmup = WARMUP_FRAMES if warmup is None else warmup
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> Any:
+        synchronize(self.device)
+        start = time.perf_counter()
+        out = model(batch)
+        synchronize(self.device)
+        if self.warmup > 0:
+            self.warmup -= 1
+        else:
+            self.frames += 1
+            self.seconds += time.perf_counter() - start
+        return out
+
+    @property
+    def fps(self) -> float | None:
+        return self.frames / self.seconds if self.frames else None
+
+
 @torch.no_grad()
 def infer(
     model: torch.nn.Module,
@@ -180,15 +218,18 @@ def infer(
     device: torch.device,
     collate: Any,
     show_progress: bool = True,
+    timer: InferenceTimer | None = None,
 ) -> dict[int, dict]:
-    """Run the model frame by frame in the given (temporal) order; returns index -> result."""
+    """Run the model frame by frame in the given (temporal) order; returns index -> result.
+    `timer` (optional) times the model calls."""
     model.eval()
     model.head.instance_bank.reset()
+    run = timer or (lambda m, b: m(b))
     results = {}
     for idx in tqdm(indices, desc="inference", unit="frame", disable=not show_progress):
         batch = collate([dataset[idx]])
         batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        results[idx] = {k: v.numpy() for k, v in model(batch)[0].items()}
+        results[idx] = {k: v.numpy() for k, v in run(model, batch)[0].items()}
     return results
 
 
@@ -542,9 +583,13 @@ def load_checkpoint(path: str, infos_path: str, version: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def eval_model(ckpt: dict, model_params: dict, precision: str, device: torch.device) -> torch.nn.Module:
+def eval_model(
+    ckpt: dict, model_params: dict, precision: str, device: torch.device, fuse_conv_bn: bool = False
+) -> torch.nn.Module:
     """The checkpoint's model on `device`, its image features in the evaluation precision
-    (`auto`: fp16 on NPU and CUDA as the reference's test script, fp32 on CPU)."""
+    (`auto`: fp16 on NPU and CUDA as the reference's test script, fp32 on CPU); with
+    fuse_conv_bn, each BatchNorm folded into the convolution before it (mmcv's fuse_conv_bn, the
+    reference's tools/benchmark.py --fuse-conv-bn): the same outputs to about 1e-5, fewer passes."""
     from model import build_model
     from pipeline.devices import amp_dtype
 
@@ -552,6 +597,11 @@ def eval_model(ckpt: dict, model_params: dict, precision: str, device: torch.dev
     anchor = state["head.instance_bank.anchor"].numpy()
     model = build_model(dict(model_params), anchor).to(device)
     model.load_state_dict(state, strict=True)
+    model.eval()
+    if fuse_conv_bn:
+        from mmcv.cnn import fuse_conv_bn as fuse
+
+        fuse(model)
     if precision == "auto":
         precision = "fp16" if device.type in ("cuda", "npu") else "fp32"
     model.set_mixed_precision(amp_dtype(device, precision))
@@ -590,7 +640,7 @@ def evaluate(params: dict, infos_path: str, checkpoint: str, out_dir: str, metri
     ckpt_path = str(checkpoint)  # exactly the checkpoint given (the stage: --checkpoint or evaluate.checkpoint)
     ckpt = load_checkpoint(ckpt_path, infos_path, cp["version"])
     dist = init_distributed(resolve_device(str(ep["device"])))
-    model = eval_model(ckpt, mp, str(ep["precision"]), dist.device)
+    model = eval_model(ckpt, mp, str(ep["precision"]), dist.device, bool(ep["fuse_conv_bn"]))
     # the fast image path only for a checkpoint trained on it here (data.fast_images); any other, e.g. the
     # released weights, is evaluated on the reference's exact images
     fast_images = bool(dp["fast_images"]) and bool(ckpt.get("fast_images", False))
@@ -606,7 +656,8 @@ def evaluate(params: dict, infos_path: str, checkpoint: str, out_dir: str, metri
     )
     chunks = sequence_chunks(dataset.flag, dist.world_size)
     start = time.perf_counter()
-    results = infer(model, dataset, chunks[dist.rank], dist.device, collate, show_progress=dist.main)
+    timer = InferenceTimer(dist.device)
+    results = infer(model, dataset, chunks[dist.rank], dist.device, collate, show_progress=dist.main, timer=timer)
     results = gather_results(results, dist.world_size)
     if not dist.main:
         return {}
@@ -620,6 +671,9 @@ def evaluate(params: dict, infos_path: str, checkpoint: str, out_dir: str, metri
     write_results(track_path, track_sub)
     metrics: dict[str, Any] = {"frames": len(results)}
     log = [f"inference over {len(results)} frames: {inference_s:.1f} s"]
+    if timer.fps is not None:  # rank 0's model calls: frames per second of one device
+        metrics["fps"] = round(timer.fps, 3)
+        log.append(f"{metrics['fps']} frames per second (the model alone, one device, after {WARMUP_FRAMES} frames)")
     if cp["version"] in EVAL_SETS:
         log += score(result_path, track_path, cp, out, plots_dir, metrics)
     else:

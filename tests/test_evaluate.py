@@ -298,6 +298,7 @@ def test_evaluate_stage_writes_numeric_tracking_metrics_and_pictures(
     small_twin, stage_workspace, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(small_twin.parent.parent)
+    monkeypatch.setattr("pipeline.evaluate.WARMUP_FRAMES", 1)  # the small twin has 3 val frames
     out, plots = tmp_path / "out", tmp_path / "plots"
     metrics = evaluate(
         stage_params(small_twin),
@@ -312,6 +313,7 @@ def test_evaluate_stage_writes_numeric_tracking_metrics_and_pictures(
     for key in ("mAP", "NDS", "AMOTA", "AMOTP", "RECALL", "IDS", "FRAG"):
         assert isinstance(written[key], (int, float)) and np.isfinite(written[key]), key
     assert written["frames"] == SMALL.samples_per_scene
+    assert written["fps"] > 0  # the model alone, over the frames after the warm-up
     assert not [k for k, v in written.items() if isinstance(v, str)]  # numbers, not sentences
     sub = json.loads((out / "results_nusc_tracking.json").read_text())
     assert len(sub["results"]) == SMALL.samples_per_scene
@@ -417,3 +419,53 @@ def test_pictures_of_ground_truth_fed_back(small_twin, val_infos, tmp_path, monk
     assert all(len(gt[int(k)]) == len(v) for k, v in pred.items())
     draw_pictures(infos, np.zeros(len(infos), int), results, sub, CLASSES, str(tmp_path), 2, 0.3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["frame_0.png", "frame_1.png", "tracks.png"]
+
+
+def test_inference_speed_counts_the_model_calls_after_the_warm_up():
+    import torch
+
+    from pipeline.evaluate import InferenceTimer
+
+    calls = []
+    timer = InferenceTimer(torch.device("cpu"), warmup=2)
+    assert timer.fps is None
+    for i in range(5):
+        assert timer(lambda batch: calls.append(batch) or [batch], i) == [i]
+    assert calls == [0, 1, 2, 3, 4] and timer.frames == 3 and timer.fps > 0
+
+
+def test_fused_conv_bn_keeps_the_outputs(small_twin, stage_workspace, val_infos, tmp_path, monkeypatch):
+    """evaluate.fuse_conv_bn folds each BatchNorm into its convolution (the reference's
+    benchmark.py --fuse-conv-bn): the val frames' boxes and scores stay within 1e-4."""
+    import torch
+
+    from pipeline.dataset import Sparse4DDataset, collate
+    from pipeline.evaluate import eval_model, infer
+
+    monkeypatch.chdir(small_twin.parent.parent)
+    ckpt = torch.load(stage_workspace / "model.pth", weights_only=False)
+    gen = torch.Generator().manual_seed(0)
+    for key, value in ckpt["state_dict"].items():  # running statistics other than the initial 0 / 1
+        if key.endswith("running_mean"):
+            value.normal_(0.0, 0.2, generator=gen)
+        elif key.endswith("running_var"):
+            value.uniform_(0.5, 2.0, generator=gen)
+    params = stage_params(small_twin)
+    dataset = Sparse4DDataset(
+        str(stage_workspace / "val.pkl"),
+        classes=list(params["model"]["classes"]),
+        data_aug_conf=dict(params["data"]["aug"]),
+        test_mode=True,
+        with_seq_flag=True,
+        sequences_split_num=1,
+    )
+    outputs = []
+    for fuse in (False, True):
+        model = eval_model(ckpt, params["model"], "fp32", torch.device("cpu"), fuse_conv_bn=fuse)
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert bool(norms) != fuse  # fused: no BatchNorm left
+        outputs.append(infer(model, dataset, list(range(len(dataset))), torch.device("cpu"), collate, False))
+    plain, fused = outputs
+    for idx in plain:
+        for key in ("boxes_3d", "scores_3d", "labels_3d", "instance_ids"):
+            np.testing.assert_allclose(fused[idx][key], plain[idx][key], atol=1e-4, err_msg=f"{idx} {key}")
