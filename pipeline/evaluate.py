@@ -326,6 +326,7 @@ def nuscenes_eval(result_path: str, data_root: str, version: str, out_dir: str, 
     metrics, metric_data = evaluator.evaluate()
     summary = metrics.serialize()
     summary["eval_time_s"] = round(time.perf_counter() - start, 2)
+    write_devkit_files(out_dir, summary, evaluator.meta, metric_data.serialize())
     if plots_dir is not None:
         render_pr_curves(evaluator, metrics, metric_data, plots_dir)
         cfg = evaluator.cfg
@@ -356,10 +357,31 @@ def tracking_eval(result_path: str, data_root: str, version: str, out_dir: str) 
             raise EvaluateError(
                 f"{result_path}: the tracking results do not cover the samples of the {eval_set} split of {version} ({err})"
             ) from err
-        metrics, _ = evaluator.evaluate()
+        metrics, metric_data = evaluator.evaluate()
     summary = metrics.serialize()
     summary["eval_time_s"] = round(time.perf_counter() - start, 2)
+    write_devkit_files(out_dir, summary, evaluator.meta, metric_data.serialize())
     return summary
+
+
+def write_devkit_files(out_dir: str, summary: dict, meta: dict, details: dict) -> None:
+    """The files the devkit's own `main` writes: metrics_summary.json (the summary and the
+    submission's meta) and metrics_details.json (per class and threshold)."""
+    write_json_atomic(os.path.join(out_dir, "metrics_summary.json"), {**summary, "meta": dict(meta)})
+    write_json_atomic(os.path.join(out_dir, "metrics_details.json"), details)
+
+
+TP_ERRORS = (("ATE", "trans_err"), ("ASE", "scale_err"), ("AOE", "orient_err"), ("AVE", "vel_err"), ("AAE", "attr_err"))
+
+
+def per_class_tp_table(summary: dict) -> list[list[str]]:
+    """The devkit's per-class table (its `main` prints it): class, AP (mean over the distance
+    thresholds) and the five true-positive errors, as rows of text; the header first."""
+    rows = [["class", "AP", *(name for name, _ in TP_ERRORS)]]
+    for cls, aps in summary["label_aps"].items():
+        errors = summary["label_tp_errors"][cls]
+        rows.append([cls, f"{np.mean(list(aps.values())):.3f}", *(f"{errors[key]:.3f}" for _, key in TP_ERRORS)])
+    return rows
 
 
 def render_pr_curves(evaluator: Any, metrics: Any, metric_data: Any, plots_dir: str) -> None:
@@ -497,6 +519,27 @@ def per_class_chart(ap: dict[str, float], amota: dict[str, float], path: str) ->
     plt.close(fig)
 
 
+def per_class_tp_picture(table: list[list[str]], path: str) -> None:
+    """The devkit's per-class table (per_class_tp_table) drawn as a picture for `dvc plots show`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(table) + 0.6))
+    ax.axis("off")
+    cells = ax.table(cellText=table[1:], colLabels=table[0], loc="center", cellLoc="right", colLoc="right")
+    cells.auto_set_font_size(False)
+    cells.set_fontsize(9)
+    ax.set_title(
+        "per class: AP and true-positive errors (the devkit's table; nan: no such box in the split)", fontsize=9
+    )
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def per_class_table(ap: dict[str, float], amota: dict[str, float], folder: str) -> None:
     """The per-class chart's numbers as data for `dvc plots` (the bar charts per_class_ap and
     per_class_amota in dvc.yaml): folder/per_class_ap.csv (class, AP: mean over the distance
@@ -615,16 +658,21 @@ def score(result_path: str, track_path: str, cp: dict, out: Path, plots_dir: str
     per-class chart and tables; returns log lines."""
     summary = nuscenes_eval(result_path, cp["data_root"], cp["version"], str(out / "nuscenes_eval"), plots_dir)
     metrics.update(flat_metrics(summary))
+    table = per_class_tp_table(summary)
+    write_bytes_atomic(str(out / "per_class_tp_errors.csv"), "".join(",".join(r) + "\n" for r in table).encode())
     track_summary = tracking_eval(track_path, cp["data_root"], cp["version"], str(out / "nuscenes_tracking_eval"))
     metrics.update(flat_tracking_metrics(track_summary))
     log = [
         f"detection evaluation: {summary['eval_time_s']:.1f} s",
         f"tracking evaluation: {track_summary['eval_time_s']:.1f} s",
+        "per class (nan: no such box in the split):",
+        *("  ".join(f"{cell:>20s}" if i == 0 else f"{cell:>6s}" for i, cell in enumerate(row)) for row in table),
     ]
     undefined = [k for k in ("AMOTA", "AMOTP", "MOTA", "RECALL", "IDS", "FRAG") if k not in metrics]
     if undefined:
         log.append(f"tracking metrics the devkit leaves undefined (no track reached a recall threshold): {undefined}")
     per_class_chart(metrics["per_class_AP"], metrics["per_class_AMOTA"], os.path.join(plots_dir, "per_class_ap.png"))
+    per_class_tp_picture(table, os.path.join(plots_dir, "per_class_tp_errors.png"))
     # the same numbers as data, in the cached output (dvc plots diff compares them across runs)
     per_class_table(metrics["per_class_AP"], metrics["per_class_AMOTA"], str(out))
     return log

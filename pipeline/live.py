@@ -1,11 +1,13 @@
 """What a training run reports: the DVCLive curves (train/* per iteration, val/* per validation),
-the progress bar, and the figures of metrics/train.json, kept as the run goes so a resumed run
+the progress bar, a plain-text log (train.log: the start-up lines, a line every log_interval
+iterations, validations, the end) and the figures of metrics/train.json, kept as the run goes so a resumed run
 reports the whole run without keeping every iteration's record."""
 
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -90,20 +92,42 @@ class RunningSummary:
 class TrainLog:
     """The record of one run from iteration `start` to `total`: every rank keeps the summary; the
     main process (rank 0) also writes the DVCLive curves in `live_dir` (continuing them on
-    resume) and shows the progress bar."""
+    resume), shows the progress bar and writes `text_log` (appended to on resume, started afresh
+    otherwise), one line every `log_interval` iterations."""
 
-    def __init__(self, live_dir: str, main: bool, start: int, total: int, summary: dict | None = None):
+    def __init__(
+        self,
+        live_dir: str,
+        main: bool,
+        start: int,
+        total: int,
+        summary: dict | None = None,
+        text_log: str | None = None,
+        log_interval: int = 50,
+    ):
         self.summary = RunningSummary()
         if summary is not None:
             self.summary.load_state_dict(summary)
         self.live = None
+        self.text = None
+        self.total, self.log_interval, self.started = total, log_interval, time.monotonic()
         if main:
             from dvclive import Live
 
             self.live = Live(dir=live_dir, resume=start > 0, save_dvc_exp=False, dvcyaml=False)
             if start > 0:
                 self.live.step = start
+            if text_log is not None:
+                Path(text_log).parent.mkdir(parents=True, exist_ok=True)
+                self.text = open(text_log, "a" if start > 0 else "w", buffering=1)
         self.bar = tqdm(total=total, initial=start, desc="train", unit="it", disable=not main)
+
+    def note(self, line: str, echo: bool = True) -> None:
+        """A line for the log file (rank 0), printed too unless `echo` is False."""
+        if self.text is not None:
+            self.text.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        if echo and self.live is not None:
+            self.bar.write(line)
 
     def step(
         self, iteration: int, losses: dict[str, torch.Tensor], loss: float, lr: float, grad_norm: float, seconds: float
@@ -120,6 +144,13 @@ class TrainLog:
             self.live.next_step()
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         self.bar.update()
+        if iteration % self.log_interval == 0 or iteration == self.total:
+            elapsed = int(time.monotonic() - self.started)
+            self.note(
+                f"train: iteration {iteration}/{self.total}  loss {loss:.4f}  lr {lr:.3e}  grad_norm {grad_norm:.3f}  "
+                f"step {seconds:.3f} s  elapsed {elapsed // 3600}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d}",
+                echo=False,
+            )
 
     def end_iteration(self) -> None:
         """The iteration's work is done (step, logging, validation): the seed's step time runs
@@ -131,7 +162,7 @@ class TrainLog:
         `iteration`, beside the losses of the next forward, which sees the same weights."""
         if metrics is None or self.live is None:
             return
-        self.bar.write(
+        self.note(
             f"train: validation after iteration {iteration}: mAP {metrics['mAP']:.4f}, NDS {metrics['NDS']:.4f} "
             f"({seconds:.1f} s)"
         )
@@ -142,3 +173,5 @@ class TrainLog:
         self.bar.close()
         if self.live is not None:
             self.live.end()
+        if self.text is not None:
+            self.text.close()

@@ -54,6 +54,7 @@ LAUNCH_KEYS = {
         "join_timeout",
         "max_restarts",
         "checkpoint_interval",
+        "log_interval",
         "max_nonfinite_steps",
         "num_workers",
         "pin_memory",
@@ -311,6 +312,7 @@ SCHEMA: dict[str, Any] = {
         "precision": Choice("auto", "fp32", "fp16", "bf16"),
         "loss_scale": Either(Float(0.0, lo_open=True), Choice("dynamic")),
         "checkpoint_interval": Int(1),
+        "log_interval": Int(1),  # iterations between the lines of runs/train/train.log
         "eval_interval": Int(0),  # iterations between validations on the val split; 0: none
         "max_nonfinite_steps": Int(1),
         "num_workers": Int(0),

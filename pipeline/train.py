@@ -344,8 +344,6 @@ def build_run(params: dict, infos: str, anchors: str, backbone_manifest: str, va
     same_run_everywhere(fingerprint, dist, [infos, anchors])
     model = training_model(mp, anchor, backbone_manifest, dist)
     lr = scaled_lr(float(tp["lr"]), total_batch, str(tp["lr_scaling"]))
-    if dist.main and lr != float(tp["lr"]):
-        print(f"train: lr {lr:.4g} (train.lr {tp['lr']} scaled to batch {total_batch}, train.lr_scaling)")
     optimizer = adamw(model, lr, float(tp["backbone_lr_mult"]), float(tp["weight_decay"]))
     scheduler = lr_schedule(
         optimizer, max_iters, int(tp["warmup_iters"]), float(tp["warmup_ratio"]), float(tp["min_lr_ratio"])
@@ -364,6 +362,26 @@ def build_run(params: dict, infos: str, anchors: str, backbone_manifest: str, va
         dist, device_type, total_batch, max_iters, dataset, val_dataset, fingerprint, model, ddp, optimizer,
         scheduler, scaler, static_scale,
     )  # fmt: skip
+
+
+def startup_lines(params: dict, run: Run, resumed_at: int | None, checkpoints: Path) -> list[str]:
+    """What the run is, for the log: device and processes, batch, length, learning rates, resume."""
+    tp, dist = params["train"], run.dist
+    nodes = int(tp["nnodes"])
+    head_lr, backbone_lr = run.optimizer.param_groups[1]["initial_lr"], run.optimizer.param_groups[0]["initial_lr"]
+    lr_note = (
+        ""
+        if head_lr == float(tp["lr"])
+        else f" (train.lr {tp['lr']} scaled to batch {run.total_batch}, train.lr_scaling)"
+    )
+    return [
+        f"train: {run.device_type}, {dist.world_size} process(es) on {nodes} node(s), global batch {run.total_batch} "
+        f"({run.total_batch // dist.world_size} per process), {run.max_iters} iterations, precision {tp['precision']}",
+        f"train: lr {head_lr:.4g}{lr_note}, backbone lr {backbone_lr:.4g}",
+        f"train: resumed from {checkpoints / 'latest.pth'} at iteration {resumed_at}"
+        if resumed_at is not None
+        else "train: started at iteration 0 (no checkpoint of these settings)",
+    ]
 
 
 def train(
@@ -390,7 +408,17 @@ def train(
     start, counters = resumed["iteration"], resumed["counters"]
     batch_size = run.total_batch // dist.world_size
     loader = training_loader(run.dataset, params, dist, batch_size, skip=resumed["sampler_batches"])
-    log = TrainLog(live_dir, dist.main, start, run.max_iters, counters.get("summary"))
+    log = TrainLog(
+        live_dir,
+        dist.main,
+        start,
+        run.max_iters,
+        counters.get("summary"),
+        str(out / "train.log"),
+        int(tp["log_interval"]),
+    )
+    for line in startup_lines(params, run, resumed["iteration"] if start else None, out / "checkpoints"):
+        log.note(line)
     nonfinite = NonFiniteSteps(int(tp["max_nonfinite_steps"]), counters.get("nonfinite_total", 0))
     run.ddp.train()
     data = iter(loader)
@@ -428,6 +456,7 @@ def train(
         save_atomic(out / "model.pth", {"state_dict": state, **meta})
         summary = log.summary.result(run.total_batch, dist.world_size, run.device_type, nonfinite.total)
         write_json_atomic(metrics_path, summary)
+        log.note(f"train: done, {out / 'model.pth'}; {metrics_path}: {summary}", echo=False)
     log.close()
     if dist.world_size > 1:
         torch.distributed.barrier()

@@ -319,6 +319,18 @@ def test_evaluate_stage_writes_numeric_tracking_metrics_and_pictures(
     assert len(sub["results"]) == SMALL.samples_per_scene
     for name in ("frame_0.png", "frame_1.png", "frame_2.png", "tracks.png", "per_class_ap.png", "pr_summary.png"):
         assert (plots / name).stat().st_size > 10_000, name
+    assert (plots / "per_class_tp_errors.png").stat().st_size > 5_000
+    # the devkit's own files, as its main() writes them, and its per-class table
+    for folder in ("nuscenes_eval", "nuscenes_tracking_eval"):
+        summary = json.loads((out / folder / "metrics_summary.json").read_text())
+        assert summary["meta"]["use_camera"] is True
+        assert json.loads((out / folder / "metrics_details.json").read_text())
+    summary = json.loads((out / "nuscenes_eval" / "metrics_summary.json").read_text())
+    assert summary["mean_ap"] == pytest.approx(written["mAP"], abs=1e-4)
+    table = (out / "per_class_tp_errors.csv").read_text().splitlines()
+    assert table[0] == "class,AP,ATE,ASE,AOE,AVE,AAE" and len(table) == 11
+    car = dict(zip(table[0].split(","), table[1 + list(summary["label_aps"]).index("car")].split(",")))
+    assert float(car["ATE"]) == pytest.approx(summary["label_tp_errors"]["car"]["trans_err"], abs=1e-3)
 
 
 def test_a_version_without_val_split_writes_submissions_and_says_why(

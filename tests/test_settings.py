@@ -233,7 +233,7 @@ def test_a_launch_setting_resumes_and_a_model_setting_starts_afresh(tiny_workspa
 
     launch = dict(num_workers=1, master_port=29999, master_addr="10.0.0.1", checkpoint_interval=1)
     launch.update(max_nonfinite_steps=3, pin_memory=True, persistent_workers=True)
-    launch.update(join_timeout=30, max_restarts=1)
+    launch.update(join_timeout=30, max_restarts=1, log_interval=1)
     assert set(launch) == set(LAUNCH_KEYS["train"])
     resumed = run(tiny_params(iterations=2, **launch))
     assert "resuming from" in resumed and "at iteration 2/2" in resumed

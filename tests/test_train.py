@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -85,7 +86,7 @@ def run_train(workspace: Path, out: Path, params: dict, val_infos: str = "data/i
 
 def test_resume_after_kill_equals_an_uninterrupted_run(workspace, tmp_path, monkeypatch):
     monkeypatch.chdir(workspace)
-    params = tiny_params()
+    params = tiny_params(log_interval=2)
     summary = run_train(workspace, tmp_path / "straight", params)
     assert summary["iterations"] == 6 and summary["step_time_s"] > 0 and summary["samples_per_s"] > 0
     # an iteration's interval holds its step, and more (logging, checkpoints)
@@ -94,6 +95,12 @@ def test_resume_after_kill_equals_an_uninterrupted_run(workspace, tmp_path, monk
     history = json.loads((tmp_path / "straight" / "train.json").read_text())
     assert history["world_size"] == 1 and history["device"] == "cpu"
     assert (tmp_path / "straight" / "live" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
+    # the plain-text log a user attaches to an issue: what runs, then a line every log_interval iterations
+    log = (tmp_path / "straight" / "train.log").read_text()
+    assert "train: cpu, 1 process(es) on 1 node(s), global batch 2 (2 per process), 6 iterations" in log
+    assert "train: lr 0.002, backbone lr 0.001" in log and "started at iteration 0" in log
+    assert [int(i) for i in re.findall(r"iteration (\d+)/6  loss ", log)] == [2, 4, 6]
+    assert "train: done" in log
 
     # The same run in a process killed with SIGKILL once the first checkpoint is on disk, then rerun.
     out = tmp_path / "killed"
@@ -130,6 +137,10 @@ def test_resume_after_kill_equals_an_uninterrupted_run(workspace, tmp_path, monk
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # the log goes on where the killed run left it
+    log = (out / "train.log").read_text()
+    assert [int(i) for i in re.findall(r"iteration (\d+)/6  loss ", log)] == [2, 4, 6]
+    assert re.search(r"train: resumed from \S+latest.pth at iteration [24]", log), log
     # the summary covers the whole run, the iterations before the kill included
     resumed = json.loads((out / "train.json").read_text())
     assert resumed["iterations"] == 6 and resumed["final_loss"] == history["final_loss"]
