@@ -4,7 +4,7 @@
 #      (its source includes <THC/THCAtomics.cuh>, gone since torch 1.11: the copy built here includes
 #      <ATen/cuda/Atomic.cuh> instead, nothing else changes);
 #   2. the CUDA tests (`pytest -m cuda`): model parity with the reference on the GPU, our aggregation backends
-#      and the compiled op against the kernel oracle;
+#      and the compiled op against the kernel oracle, and fed a frame's features flattened once;
 #   3. the full seed model's training step, fp16 (the reference's mixed precision) against fp32;
 #   4. the deformable aggregation benchmark on the GPU.
 # Run from the repository root in the project's environment (the scripts run as `python -m`, so the
@@ -36,7 +36,7 @@ if [ -d "$ref/projects/mmdet3d_plugin/ops/src" ] && command -v nvcc >/dev/null; 
   export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$build
 fi
 
-run_step cuda_tests python -m pytest -m cuda -q -p no:cacheprovider tests/test_deformable_aggregation.py tests/test_parity_model.py
+run_step cuda_tests python -m pytest -m cuda -q -p no:cacheprovider tests/test_deformable_aggregation.py tests/test_flatten_once.py tests/test_parity_model.py
 run_step train_step python -m benchmarks.device_check --device cuda
 run_step aggregation python -m benchmarks.deformable_aggregation_speed --device cuda --repeats 5
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 from mmcv.cnn import Linear
 
 from model.box3d import COS_YAW, HEIGHT, LENGTH, SIN_YAW, VX, WIDTH, X, Y, Z
-from model.ops import deformable_aggregation
+from model.ops import FlattenedFeatures, deformable_aggregation
 
 
 def linear_relu_ln(embed_dims: int, in_loops: int, out_loops: int, input_dims: int | None = None) -> list[nn.Module]:
@@ -128,12 +128,13 @@ class DeformableFeatureAggregation(nn.Module):
         instance_feature: torch.Tensor,
         anchor: torch.Tensor,
         anchor_embed: torch.Tensor,
-        feature_maps: list[torch.Tensor],
+        features: FlattenedFeatures,
         projection_mat: torch.Tensor,
         image_wh: torch.Tensor,
     ) -> torch.Tensor:
-        """instance_feature, anchor_embed (bs, n, C); anchor (bs, n, 11); feature_maps: levels of
-        (bs, cams, C, H, W); projection_mat (bs, cams, 4, 4) LiDAR -> pixels; image_wh (bs, cams, 2).
+        """instance_feature, anchor_embed (bs, n, C); anchor (bs, n, 11); features: the frame's levels of
+        (bs, cams, C, H, W), flattened once for all layers; projection_mat (bs, cams, 4, 4) LiDAR -> pixels;
+        image_wh (bs, cams, 2).
         Returns (bs, n, 2C): the aggregated features, then the input ones (the reference's residual "cat")."""
         bs, num_anchor = instance_feature.shape[:2]
         key_points = self.kps_generator(anchor, instance_feature)  # (bs, n, pts, 3)
@@ -142,8 +143,8 @@ class DeformableFeatureAggregation(nn.Module):
         points_2d = points_2d.permute(0, 2, 3, 1, 4)  # (bs, n, pts, cams, 2)
         # (bs, n, cams, levels, pts, groups) -> (bs, n, pts, cams, levels, groups)
         weights = weights.permute(0, 1, 4, 2, 3, 5)
-        features = deformable_aggregation(feature_maps, points_2d, weights, backend=self.backend)  # (bs, n, C)
-        return torch.cat([self.output_proj(features), instance_feature], dim=-1)
+        sampled = deformable_aggregation(features, points_2d, weights, backend=self.backend)  # (bs, n, C)
+        return torch.cat([self.output_proj(sampled), instance_feature], dim=-1)
 
     def _get_weights(
         self, instance_feature: torch.Tensor, anchor_embed: torch.Tensor, projection_mat: torch.Tensor

@@ -23,6 +23,7 @@ from model.blocks import AsymmetricFFN, DeformableFeatureAggregation
 from model.detection3d import AnchorEncoder, RefinementModule
 from model.instance_bank import InstanceBank
 from model.losses import SigmoidFocalLoss, SparseBox3DLoss, as_fp32
+from model.ops import FlattenedFeatures
 from model.post_process import BoxPostProcessor
 from model.target import SparseBox3DTarget
 
@@ -155,6 +156,8 @@ class Sparse4DHead(nn.Module):
         the denoising queries and their targets (`dn_*`, `temp_dn_*`); in evaluation the tracking
         `instance_id` (bs, n)."""
         bs = feature_maps[0].shape[0]
+        # flattened once per frame for every decoder's aggregation, as the reference's extract_feat
+        features = FlattenedFeatures(feature_maps)
         assigner = self.target_assigner
         if assigner.dn_metas is not None and assigner.dn_metas["dn_anchor"].shape[0] != bs:
             assigner.dn_metas = None
@@ -179,7 +182,7 @@ class Sparse4DHead(nn.Module):
                     temp_feature,
                     temp_anchor_embed,
                     attn_mask,
-                    feature_maps,
+                    features,
                     metas,
                 )
                 continue
@@ -218,7 +221,7 @@ class Sparse4DHead(nn.Module):
         return output
 
     def _interact(
-        self, i, instance_feature, anchor, anchor_embed, temp_feature, temp_anchor_embed, attn_mask, feature_maps, metas
+        self, i, instance_feature, anchor, anchor_embed, temp_feature, temp_anchor_embed, attn_mask, features, metas
     ) -> torch.Tensor:
         """Operation i (any but refine) on the (bs, n, C) instance features."""
         op = self.operation_order[i]
@@ -238,7 +241,7 @@ class Sparse4DHead(nn.Module):
             )
         if op == "deformable":
             return self.layers[i](
-                instance_feature, anchor, anchor_embed, feature_maps, metas["projection_mat"], metas["image_wh"]
+                instance_feature, anchor, anchor_embed, features, metas["projection_mat"], metas["image_wh"]
             )
         return self.layers[i](instance_feature)  # norm, ffn
 

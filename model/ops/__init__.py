@@ -2,6 +2,7 @@
 
 from .deformable_aggregation import (
     BACKENDS,
+    FlattenedFeatures,
     deformable_aggregation,
     deformable_aggregation_grid_sample,
     flatten_feature_maps,
@@ -10,6 +11,7 @@ from .deformable_aggregation import (
 
 __all__ = [
     "BACKENDS",
+    "FlattenedFeatures",
     "deformable_aggregation",
     "deformable_aggregation_grid_sample",
     "flatten_feature_maps",

@@ -47,6 +47,10 @@ normalised x or y is not strictly inside (0, 1) is skipped at every level; other
 pixel ``loc * size - 0.5`` with zero padding. ``grid_sample`` differs in a half-pixel band around each map (it
 still blends the border pixels with the padding there).
 
+The torch backend reads the same channel-last layout. ``feature_maps`` is either the list of levels, flattened
+inside the call, or the frame's :class:`FlattenedFeatures`, which flattens them once for every call that passes it:
+the model's decoder layers, as the reference flattens once per frame in ``extract_feat`` (``feature_maps_format``).
+
 Only torch APIs available in torch 2.1 are used (the Ascend stack runs torch 2.1 / Python 3.8).
 """
 
@@ -54,7 +58,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +67,7 @@ from torch.autograd.function import once_differentiable
 __all__ = [
     "BACKENDS",
     "CUDA_EXT_MODULES",
+    "FlattenedFeatures",
     "deformable_aggregation",
     "deformable_aggregation_grid_sample",
     "flatten_feature_maps",
@@ -272,6 +277,36 @@ def flatten_feature_maps(
     sizes = spatial_shape[..., 0].long() * spatial_shape[..., 1].long()  # (num_cams, num_levels)
     scale_start_index = (sizes.flatten().cumsum(0) - sizes.flatten()).reshape(sizes.shape).to(torch.int32)
     return mc_ms_feat, spatial_shape, scale_start_index
+
+
+class FlattenedFeatures:
+    """One frame's image features, flattened once for every aggregation that reads them.
+
+    Holds the levels, one (bs, num_cams, C, H_l, W_l) tensor each (the grid_sample backend and the shape checks
+    read them), and their :func:`flatten_feature_maps` triple per dtype, made on first use and kept: every decoder
+    layer then reads the same flattened tensor, so a frame makes one channel-last copy (not one per layer) and
+    autograd runs one backward from it into the levels, however many layers add to its gradient.
+    A separate triple is kept per grad mode, so a flattening made under no_grad never cuts a later graph.
+    """
+
+    def __init__(self, feature_maps: Sequence[torch.Tensor]) -> None:
+        self.feature_maps = feature_maps
+        self._flattened: Dict[Tuple[torch.dtype, bool], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def flattened(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mc_ms_feat, spatial_shape, scale_start_index) in ``dtype``, as :func:`flatten_feature_maps` returns them."""
+        key = (dtype, torch.is_grad_enabled())
+        if key not in self._flattened:
+            self._flattened[key] = flatten_feature_maps(self.feature_maps, dtype=dtype)
+        return self._flattened[key]
+
+
+Features = Union[Sequence[torch.Tensor], FlattenedFeatures]
+
+
+def _as_flattened(feature_maps: Features) -> FlattenedFeatures:
+    """A frame's features as given, or the levels to be flattened in this call only."""
+    return feature_maps if isinstance(feature_maps, FlattenedFeatures) else FlattenedFeatures(feature_maps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -522,18 +557,20 @@ def _result_dtype(feature_maps: Sequence[torch.Tensor], points_2d: torch.Tensor,
 
 
 def _torch_aggregation(
-    feature_maps: Sequence[torch.Tensor],
+    feature_maps: Features,
     points_2d: torch.Tensor,
     weights: torch.Tensor,
     use_sparse: Optional[bool] = None,
 ) -> torch.Tensor:
     """The pure PyTorch fast path; (bs, num_anchor, C) in the inputs' promoted dtype."""
-    dtype = _compute_dtype(feature_maps[0].dtype, points_2d.dtype, weights.dtype)
+    features = _as_flattened(feature_maps)
+    levels = features.feature_maps
+    dtype = _compute_dtype(levels[0].dtype, points_2d.dtype, weights.dtype)
     if use_sparse is None:
         use_sparse = points_2d.device.type in _SPARSE_DEVICE_TYPES
-    mc_ms_feat = _FlattenFeatures.apply(dtype, *feature_maps)
-    out = _TorchAggregation.apply(_spatial_shapes(feature_maps), use_sparse, mc_ms_feat, points_2d, weights)
-    return out.to(_result_dtype(feature_maps, points_2d, weights))
+    mc_ms_feat = features.flattened(dtype)[0]
+    out = _TorchAggregation.apply(_spatial_shapes(levels), use_sparse, mc_ms_feat, points_2d, weights)
+    return out.to(_result_dtype(levels, points_2d, weights))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -616,13 +653,13 @@ class _CudaExtAggregation(torch.autograd.Function):
 
 def _compiled_aggregation(
     op: Callable[..., torch.Tensor],
-    feature_maps: Sequence[torch.Tensor],
+    features: FlattenedFeatures,
     points_2d: torch.Tensor,
     weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Flattens the features, calls ``op(mc_ms_feat, spatial_shape, scale_start_index, points, weights)``."""
+    """Calls ``op(mc_ms_feat, spatial_shape, scale_start_index, points, weights)`` on the float32 flattening."""
     bs, num_anchor = points_2d.shape[:2]
-    mc_ms_feat, spatial_shape, scale_start_index = flatten_feature_maps(feature_maps, dtype=torch.float32)
+    mc_ms_feat, spatial_shape, scale_start_index = features.flattened(torch.float32)
     out = op(
         mc_ms_feat,
         spatial_shape,
@@ -630,7 +667,7 @@ def _compiled_aggregation(
         points_2d.float().contiguous(),  # (bs, num_anchor, num_pts, num_cams, 2)
         weights.float().contiguous(),  # (bs, num_anchor, num_pts, num_cams, num_levels, num_groups)
     )
-    return out.reshape(bs, num_anchor, -1).to(_result_dtype(feature_maps, points_2d, weights))
+    return out.reshape(bs, num_anchor, -1).to(_result_dtype(features.feature_maps, points_2d, weights))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -707,7 +744,7 @@ def _auto_backend(feature_maps: Sequence[torch.Tensor], points_2d: torch.Tensor,
 
 
 def deformable_aggregation(
-    feature_maps: Sequence[torch.Tensor],
+    feature_maps: Features,
     points_2d: torch.Tensor,
     weights: torch.Tensor,
     backend: str = "auto",
@@ -715,7 +752,8 @@ def deformable_aggregation(
     """Weighted multi-point, multi-camera, multi-level bilinear feature aggregation of Sparse4Dv3.
 
     Args:
-        feature_maps: one (bs, num_cams, C, H_l, W_l) tensor per level.
+        feature_maps: one (bs, num_cams, C, H_l, W_l) tensor per level, flattened in this call; or a frame's
+            :class:`FlattenedFeatures` of them, flattened once for all calls that pass it (same results).
         points_2d: (bs, num_anchor, num_pts, num_cams, 2) key points projected into every camera, normalised
             image coordinates (x / W, y / H); a (point, camera) not strictly inside (0, 1) x (0, 1) is skipped.
         weights: (bs, num_anchor, num_pts, num_cams, num_levels, num_groups); C must be divisible by num_groups.
@@ -729,26 +767,26 @@ def deformable_aggregation(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    _check_inputs(feature_maps, points_2d, weights)
+    features = _as_flattened(feature_maps)
+    levels = features.feature_maps
+    _check_inputs(levels, points_2d, weights)
     if backend == "auto":
-        backend = _auto_backend(feature_maps, points_2d, weights)
+        backend = _auto_backend(levels, points_2d, weights)
     if backend == "grid_sample":
-        return deformable_aggregation_grid_sample(feature_maps, points_2d, weights)
+        return deformable_aggregation_grid_sample(levels, points_2d, weights)
     if backend == "torch":
-        return _torch_aggregation(feature_maps, points_2d, weights)
+        return _torch_aggregation(features, points_2d, weights)
     if backend == "cuda_ext":
         ext = _load_cuda_ext()
         if ext is None:
             raise RuntimeError(
                 f"backend 'cuda_ext' needs the compiled deformable aggregation op; none of {CUDA_EXT_MODULES} imports"
             )
-        return _compiled_aggregation(
-            lambda *args: _CudaExtAggregation.apply(ext, *args), feature_maps, points_2d, weights
-        )
+        return _compiled_aggregation(lambda *args: _CudaExtAggregation.apply(ext, *args), features, points_2d, weights)
     op = _load_mx_driving()
     if op is None:
         raise RuntimeError("backend 'mx_driving' needs mx_driving (Ascend DrivingSDK), which does not import")
-    reason = mx_driving_rejects(feature_maps, points_2d, weights)
+    reason = mx_driving_rejects(levels, points_2d, weights)
     if reason is not None:
         raise ValueError(f"backend 'mx_driving' cannot take these inputs: {reason} (backend 'auto' or 'torch' can)")
-    return _compiled_aggregation(op, feature_maps, points_2d, weights)
+    return _compiled_aggregation(op, features, points_2d, weights)
