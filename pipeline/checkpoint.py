@@ -60,15 +60,13 @@ def config_fingerprint(*parts: Any) -> str:
 
 
 def code_digest() -> str:
-    """Digest of the code a checkpoint depends on: a resumed run must run the same code."""
-    root = Path(__file__).resolve().parents[1]
-    files = sorted((root / "model").rglob("*.py")) + [
-        root / "pipeline" / n
-        for n in ("train.py", "checkpoint.py", "dataset.py", "geometry.py", "sampler.py", "devices.py")
-    ]
+    """Digest of the code a checkpoint depends on, every in-repo file the training worker runs
+    (pipeline.imports.code_closure of pipeline/train.py): a resumed run must run the same code."""
+    from pipeline.imports import ROOT, code_closure
+
     h = hashlib.sha256()
-    for f in files:
-        h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
+    for name in sorted(code_closure(ROOT / "pipeline" / "train.py")):
+        h.update(name.encode() + (ROOT / name).read_bytes())
     return h.hexdigest()
 
 

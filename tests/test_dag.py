@@ -3,7 +3,6 @@ checkpoint from elsewhere trains nothing."""
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
@@ -14,87 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.imports import PACKAGES, code_closure
 from pipeline.settings import LAUNCH_KEYS, SCHEMA
 from tests.conftest import ROOT
-
-PACKAGES = ("pipeline", "model")
 
 
 def dvc_stages() -> dict:
     return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-
-
-def module_file(name: str) -> Path | None:
-    """The in-repo file of a dotted module name (a package's __init__.py), or None."""
-    if name.split(".")[0] not in PACKAGES:
-        return None
-    base = ROOT.joinpath(*name.split("."))
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
-
-
-def module_level(tree: ast.AST):
-    """The nodes that run when a module is imported: everything but function bodies."""
-    todo = [tree]
-    while todo:
-        node = todo.pop()
-        yield node
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            todo.extend(ast.iter_child_nodes(node))
-
-
-def imported_modules(path: Path, lazy: bool = True) -> set[str]:
-    """Dotted names a file imports, with lazy imports in its functions unless `lazy` is False,
-    plus string constants that name an in-repo module: the workers run_workers starts
-    ("pipeline.train")."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
-    names: set[str] = set()
-    for node in ast.walk(tree) if lazy else module_level(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*parts, base] if base else parts)
-            names.add(base)
-            # `from pkg import module` imports the module; a name that is no module is dropped
-            names.update(f"{base}.{alias.name}" for alias in node.names if module_file(f"{base}.{alias.name}"))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value:
-            if module_file(node.value):
-                names.add(node.value)
-    return names
-
-
-def code_closure(script: Path) -> set[str]:
-    """Repo-relative paths of every in-repo file a stage script runs, transitively, with the
-    packages' __init__.py that hold more than a docstring. A module named by an import counts
-    with the imports inside its functions (what is imported from it gets called); a parent
-    package that `import pkg.mod` runs on the way counts with its module-level imports only."""
-    seen: dict[Path, bool] = {}
-    todo = [(script, True)]
-    while todo:
-        path, lazy = todo.pop()
-        if seen.get(path) is True or seen.get(path) == lazy:
-            continue
-        seen[path] = lazy
-        for name in imported_modules(path, lazy):
-            parts = name.split(".")
-            for i in range(1, len(parts) + 1):
-                found = module_file(".".join(parts[:i]))
-                if found:
-                    todo.append((found, i == len(parts)))
-    return {p.relative_to(ROOT).as_posix() for p in seen if not trivial_init(p)}
-
-
-def trivial_init(path: Path) -> bool:
-    if path.name != "__init__.py":
-        return False
-    body = ast.parse(path.read_text()).body
-    return all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body)
 
 
 def covered(path: str, deps: list[str]) -> bool:
@@ -120,6 +45,24 @@ def test_code_closure_follows_workers_and_lazy_imports():
     imports the model inside a function; both must be found."""
     code = code_closure(ROOT / "stages" / "train.py")
     assert {"pipeline/train.py", "model/detector.py", "model/head.py", "pipeline/settings.py"} <= code
+
+
+def test_the_checkpoints_code_digest_follows_the_training_workers_code(tmp_path, monkeypatch):
+    """A resumable checkpoint is resumed only by the same code: the digest changes with any file
+    the training worker runs (model/losses.py here), not with one it does not run."""
+    import shutil
+
+    import pipeline.imports
+    from pipeline.checkpoint import code_digest
+
+    for folder in PACKAGES:
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(pipeline.imports, "ROOT", tmp_path)
+    before = code_digest()
+    (tmp_path / "pipeline" / "anchors.py").write_text("# the anchors stage's code: not training's\n")
+    assert code_digest() == before
+    (tmp_path / "model" / "losses.py").write_text((tmp_path / "model" / "losses.py").read_text() + "\n# changed\n")
+    assert code_digest() != before
 
 
 def test_train_tracks_every_identity_setting_and_no_launch_setting():
