@@ -626,6 +626,28 @@ def load_checkpoint(path: str, infos_path: str, version: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+# model settings that only shape training (losses, matching): a checkpoint trained with other
+# values is still this model
+TRAINING_ONLY_MODEL_KEYS = ("loss", "matching")
+
+
+def check_trained_settings(ckpt: dict, model_params: dict, path: str) -> None:
+    """A checkpoint trained here records its `model` settings: scoring it under other ones (the
+    network's shape, its classes, its post-processing) is an error naming them. A checkpoint
+    from elsewhere (the released weights) records none and is not checked."""
+    trained = ckpt.get("model")
+    if not isinstance(trained, dict):
+        return
+    differ = sorted(
+        k
+        for k in set(trained) | set(model_params)
+        if k not in TRAINING_ONLY_MODEL_KEYS and trained.get(k) != model_params.get(k)
+    )
+    if differ:
+        shown = ", ".join(f"model.{k}: {trained.get(k)!r} in training, {model_params.get(k)!r} now" for k in differ)
+        raise EvaluateError(f"{path} was trained with other model settings than params has: {shown}")
+
+
 def eval_model(
     ckpt: dict, model_params: dict, precision: str, device: torch.device, fuse_conv_bn: bool = False
 ) -> torch.nn.Module:
@@ -687,6 +709,7 @@ def evaluate(params: dict, infos_path: str, checkpoint: str, out_dir: str, metri
     ep, mp, dp, cp = params["evaluate"], params["model"], params["data"], params["convert"]
     ckpt_path = str(checkpoint)  # exactly the checkpoint given (the stage: --checkpoint or evaluate.checkpoint)
     ckpt = load_checkpoint(ckpt_path, infos_path, cp["version"])
+    check_trained_settings(ckpt, mp, ckpt_path)
     dist = init_distributed(resolve_device(str(ep["device"])))
     model = eval_model(ckpt, mp, str(ep["precision"]), dist.device, bool(ep["fuse_conv_bn"]))
     # the fast image path only for a checkpoint trained on it here (data.fast_images); any other, e.g. the
@@ -718,7 +741,8 @@ def evaluate(params: dict, infos_path: str, checkpoint: str, out_dir: str, metri
     track_path = str(out / "results_nusc_tracking.json")
     write_results(track_path, track_sub)
     metrics: dict[str, Any] = {"frames": len(results)}
-    log = [f"inference over {len(results)} frames: {inference_s:.1f} s"]
+    trained = f", trained {ckpt['iteration']} iterations" if "iteration" in ckpt else ""
+    log = [f"{ckpt_path}{trained}: inference over {len(results)} frames: {inference_s:.1f} s"]
     if timer.fps is not None:  # rank 0's model calls: frames per second of one device
         metrics["fps"] = round(timer.fps, 3)
         log.append(f"{metrics['fps']} frames per second (the model alone, one device, after {WARMUP_FRAMES} frames)")
@@ -743,15 +767,13 @@ def worker_main(params_path: str, infos: str, checkpoint: str, out_dir: str, met
     """Entry point of each evaluation process."""
     import sys
 
-    import yaml
-
     from pipeline.dataset import DatasetError
+    from pipeline.params import ParamsError, read_params
 
-    with open(params_path) as f:
-        params = yaml.safe_load(f)
     try:
+        params = read_params(params_path)  # checked in each process, not only by the stage
         evaluate(params, infos, checkpoint, out_dir, metrics_path, plots_dir)
-    except (EvaluateError, DatasetError) as err:
+    except (EvaluateError, DatasetError, ParamsError) as err:
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
     return 0

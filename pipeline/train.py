@@ -359,8 +359,9 @@ def build_run(params: dict, infos: str, anchors: str, backbone_manifest: str, va
             broadcast_buffers=DDP_BROADCAST_BUFFERS,
         )
     return Run(
-        dist, device_type, total_batch, max_iters, dataset, val_dataset, fingerprint, model, ddp, optimizer,
-        scheduler, scaler, static_scale,
+        dist=dist, device_type=device_type, total_batch=total_batch, max_iters=max_iters, dataset=dataset,
+        val_dataset=val_dataset, fingerprint=fingerprint, model=model, ddp=ddp, optimizer=optimizer,
+        scheduler=scheduler, scaler=scaler, static_scale=static_scale,
     )  # fmt: skip
 
 
@@ -476,17 +477,15 @@ def worker_main(
     """Entry point of each training process."""
     import sys
 
-    import yaml
-
     from pipeline.dataset import DatasetError
     from pipeline.devices import DeviceError
+    from pipeline.params import ParamsError, read_params
     from pipeline.sampler import SamplerError
 
-    with open(params_path) as f:
-        params = yaml.safe_load(f)
     try:
+        params = read_params(params_path)  # checked in each process, not only by the stage
         train(params, infos, anchors, backbone_manifest, out_dir, metrics_path, live_dir, val_infos)
-    except (TrainError, DatasetError, SamplerError, DeviceError) as err:
+    except (TrainError, DatasetError, SamplerError, DeviceError, ParamsError) as err:
         print(f"train: {err}", file=sys.stderr)
         return 2
     return 0

@@ -481,3 +481,15 @@ def test_fused_conv_bn_keeps_the_outputs(small_twin, stage_workspace, val_infos,
     for idx in plain:
         for key in ("boxes_3d", "scores_3d", "labels_3d", "instance_ids"):
             np.testing.assert_allclose(fused[idx][key], plain[idx][key], atol=1e-4, err_msg=f"{idx} {key}")
+
+
+def test_a_checkpoint_trained_with_other_model_settings_is_named():
+    from pipeline.evaluate import EvaluateError, check_trained_settings
+
+    trained = {"model": {"embed_dims": 32, "num_decoder": 2, "loss": {"cls_weight": 2.0}}}
+    check_trained_settings(trained, {"embed_dims": 32, "num_decoder": 2, "loss": {"cls_weight": 3.0}}, "m.pth")
+    check_trained_settings({"state_dict": {}}, {"embed_dims": 256}, "released.pth")  # from elsewhere: no record
+    with pytest.raises(
+        EvaluateError, match=r"m.pth was trained with other model settings .*model.num_decoder: 2 in training, 6 now"
+    ):
+        check_trained_settings(trained, {"embed_dims": 32, "num_decoder": 6, "loss": {}}, "m.pth")
