@@ -80,7 +80,7 @@ def resolve_device(requested: str) -> str:
             import_torch_npu()
         except ImportError as err:
             raise DeviceError(
-                "train.device is npu but torch_npu is not installed (install CANN and torch_npu, see README)"
+                "train.device is npu but torch_npu is not installed (install CANN and torch_npu, see docs/devices.md)"
             ) from err
         if not torch.npu.is_available():
             raise DeviceError("train.device is npu but no NPU is visible")

@@ -91,7 +91,7 @@ REFERENCE_MATCHING: dict[str, Any] = {
     "cone_reg_weights": CONE_REG_WEIGHTS,
     "dn_noise_scale": [2.0] * 3 + [0.5] * 7,
 }
-# Our switches away from reference quirks (README "Fidelity") and the value that keeps the reference's maths.
+# Our switches away from reference quirks (docs/fidelity.md) and the value that keeps the reference's maths.
 REFERENCE_SWITCHES: dict[str, Any] = {"correct_projected_yaw": False, "sort_cls_scores": False}
 # The Ascend port of Sparse4D (Ascend/DrivingSDK 9c2fb9ea, model_examples/Sparse4D/mmdet.patch), whose training the
 # seed profiles reproduce: its one hunk, in mmdet's binary_cross_entropy (mmdet/models/losses/cross_entropy_loss.py;
