@@ -42,10 +42,10 @@ import psutil
 import torch
 import yaml
 
-from benchmarks.train_step_speed import ROOT, full_config
+from benchmarks.train_step_speed import ROOT, full_config, full_params
 from model import blocks, build_model
 from model.ops import deformable_aggregation
-from pipeline.dataset import Sparse4DDataset, collate
+from pipeline.dataset import Sparse4DDataset, collate, dataset_from_params
 
 VARIANTS = ("before", "after")
 MIB = 2**20
@@ -80,7 +80,7 @@ def measure(variant: str, infos: str, anchors: str, iters: int, warmup: int) -> 
         flatten_per_layer()
     flattenings = count_flattenings()
     mp, aug, _ = full_config()
-    dataset = Sparse4DDataset(infos, mp["classes"], aug)
+    dataset = dataset_from_params(full_params(), infos, training=True)
     np.random.seed(0)
     batch = collate([dataset[1]])
     torch.manual_seed(0)

@@ -23,13 +23,17 @@ import yaml
 
 from model import build_model
 from model.blocks import DeformableFeatureAggregation
-from pipeline.dataset import Sparse4DDataset, collate
+from pipeline.dataset import collate, dataset_from_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def full_params() -> dict:
+    return yaml.safe_load((ROOT / "params-full.yaml").read_text())
+
+
 def full_config() -> tuple[dict, dict, int]:
-    params = yaml.safe_load((ROOT / "params-full.yaml").read_text())
+    params = full_params()
     return params["model"], params["data"]["aug"], int(params["anchors"]["num_anchor"])
 
 
@@ -75,7 +79,7 @@ def main() -> None:
     mp, aug, num_anchor = full_config()
     if args.with_cp != "config":
         mp["with_cp"] = args.with_cp == "true"
-    ds = Sparse4DDataset(args.infos, mp["classes"], aug)
+    ds = dataset_from_params(full_params(), args.infos, training=True)
     np.random.seed(0)
     batch = collate([ds[1]])
     if args.anchors:

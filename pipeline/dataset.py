@@ -495,6 +495,33 @@ class Sparse4DDataset(torch.utils.data.Dataset):
         return sample
 
 
+def dataset_from_params(params: dict, infos: str, training: bool, fast_images: bool | None = None) -> Sparse4DDataset:
+    """The dataset every stage, benchmark and test reads, built from params' `model.classes` and
+    `data` section: for training (the group sampler's sequences, augmentation as data.aug,
+    photometric distortion as data.photometric, depth targets) or for evaluation and validation
+    (test mode: one sequence per scene, the deterministic resize and crop). `fast_images`
+    defaults to data.fast_images (the evaluate stage passes False for a checkpoint from
+    elsewhere)."""
+    dp = params["data"]
+    common = dict(
+        classes=list(params["model"]["classes"]),
+        data_aug_conf=dict(dp["aug"]),
+        with_seq_flag=True,
+        use_valid_flag=bool(dp["use_valid_flag"]),
+        fast_images=bool(dp["fast_images"]) if fast_images is None else fast_images,
+    )
+    if training:
+        return Sparse4DDataset(
+            infos,
+            test_mode=False,
+            sequences_split_num=int(dp["sequences_split_num"]),
+            keep_consistent_seq_aug=True,
+            photometric=bool(dp["photometric"]),
+            **common,
+        )
+    return Sparse4DDataset(infos, test_mode=True, sequences_split_num=1, keep_consistent_seq_aug=False, **common)
+
+
 def normalise(imgs: Sequence[np.ndarray]) -> np.ndarray:
     """(H, W, 3) RGB images -> (N, 3, H, W) float32, (x - mean) / std, written in one pass per image."""
     height, width = imgs[0].shape[:2]

@@ -319,6 +319,14 @@ def to_device(obj: Any, device: torch.device, non_blocking: bool = False, copy: 
     return obj
 
 
+def resolve_precision(precision: str, device_type: str) -> str:
+    """train.precision / evaluate.precision: `auto` is fp16 on NPU and CUDA (the reference's fp16
+    config and test script), fp32 on the CPU; fp32, fp16 and bf16 as written."""
+    if precision == "auto":
+        return "fp16" if device_type in ("cuda", "npu") else "fp32"
+    return precision
+
+
 def amp_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The autocast dtype of the model's image features: fp16 on cuda/npu, bf16 anywhere when
     asked, else None (fp32). See `Sparse4D.set_mixed_precision`."""

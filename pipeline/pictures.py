@@ -13,6 +13,7 @@ fraction of a second.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +23,7 @@ from pyquaternion import Quaternion
 
 from pipeline.dataset import REDUCED_READ
 from pipeline.files import write_bytes_atomic
+from pipeline.submission import DETECTION_CONFIG, TRACKING_CONFIG, boxes_to_global
 
 CAMERA_GRID = (
     ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT"),
@@ -343,3 +345,56 @@ def write_png(path: str, rgb: np.ndarray) -> None:
         raise RuntimeError(f"{path}: PNG encoding failed")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, data.tobytes())
+
+
+def global_box(translation: list, size_wlh: list, rotation: list) -> np.ndarray:
+    """A devkit box (centre, w l h, quaternion) -> (7,) x, y, z, l, w, h, yaw."""
+    w, length, h = size_wlh
+    return np.array([*translation, length, w, h, Quaternion(rotation).yaw_pitch_roll[0]], np.float64)
+
+
+def scene_tracks(infos: list[dict], track_results: dict[str, list[dict]]) -> tuple[dict, dict]:
+    """Ground-truth and predicted tracks of the frames `infos` (one scene), global frame:
+    track id -> [(frame, (7,) box)]. Ground truth as the tracking evaluation sees it: tracking
+    classes, inside their range, with LiDAR points."""
+    from nuscenes.eval.common.config import config_factory
+
+    class_range = config_factory(DETECTION_CONFIG).class_range
+    names = list(config_factory(TRACKING_CONFIG).tracking_names)
+    gt: dict[int, list] = {}
+    pred: dict[str, list] = {}
+    for frame, info in enumerate(infos):
+        keep = np.array([n in names for n in info["gt_names"]], bool) & (info["num_lidar_pts"] > 0)
+        labels = np.array([names.index(n) for n in info["gt_names"][keep]], np.int64)
+        for row, _, nb in boxes_to_global(info, info["gt_boxes"][keep], labels, names, class_range):
+            box = global_box(nb.center, nb.wlh, nb.orientation.elements)
+            gt.setdefault(int(info["instance_inds"][keep][row]), []).append((frame, box))
+        for t in track_results.get(info["token"], []):
+            pred.setdefault(t["tracking_id"], []).append(
+                (frame, global_box(t["translation"], t["size"], t["rotation"]))
+            )
+    return gt, pred
+
+
+def draw_pictures(
+    infos: list[dict],
+    scene_flags: np.ndarray,
+    results: dict[int, dict],
+    track_sub: dict,
+    classes: list[str],
+    plots_dir: str,
+    frames: int,
+    score_threshold: float,
+) -> None:
+    """`frames` frames spread over the split (cameras + bird's-eye view), and the tracks of the
+    first scene of the split (`scene_flags`: one scene number per info, temporal order)."""
+    picks = sorted({int(i) for i in np.linspace(0, len(infos) - 1, frames)}) if frames > 0 and infos else []
+    for n, idx in enumerate(i for i in picks if i in results):
+        info = infos[idx]
+        title = f"frame {idx + 1}/{len(infos)}, sample {info['token'][:8]}"
+        draw_frame(info, results[idx], classes, score_threshold, os.path.join(plots_dir, f"frame_{n}.png"), title)
+    if infos and "gt_boxes" in infos[0]:
+        scene = [info for info, flag in zip(infos, scene_flags) if flag == scene_flags[0]]
+        gt, pred = scene_tracks(scene, track_sub["results"])
+        title = f"tracks of the first scene of the split (frames 1-{len(scene)} of {len(infos)})"
+        draw_tracks(scene, gt, pred, os.path.join(plots_dir, "tracks.png"), title)

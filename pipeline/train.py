@@ -33,7 +33,15 @@ from pipeline.checkpoint import (
     set_temporal_state,
     temporal_state,
 )
-from pipeline.devices import Dist, amp_dtype, grad_scaler, init_distributed, resolve_device, to_device
+from pipeline.devices import (
+    Dist,
+    amp_dtype,
+    grad_scaler,
+    init_distributed,
+    resolve_device,
+    resolve_precision,
+    to_device,
+)
 from pipeline.files import sha256_of, write_json_atomic
 from pipeline.live import TrainLog
 from pipeline.settings import REFERENCE_BATCH, identity_params
@@ -85,8 +93,8 @@ def scaled_lr(lr: float, total_batch: int, rule: str) -> float:
 def validation_dataset(params: dict, val_infos: str) -> Any:
     """The val infos read as the evaluate stage reads them for a checkpoint trained here: test
     mode, one sequence per scene, the training's image path (train.eval_interval > 0 only)."""
-    from pipeline.dataset import Sparse4DDataset
-    from pipeline.evaluate import EVAL_SETS
+    from pipeline.dataset import dataset_from_params
+    from pipeline.metrics import EVAL_SETS
 
     version = params["convert"]["version"]
     if version not in EVAL_SETS:
@@ -96,16 +104,7 @@ def validation_dataset(params: dict, val_infos: str) -> Any:
         )
     if not Path(val_infos).is_file():
         raise TrainError(f"{val_infos}: val info pkl not found (run the convert stage; train.eval_interval needs it)")
-    dataset = Sparse4DDataset(
-        val_infos,
-        classes=list(params["model"]["classes"]),
-        data_aug_conf=dict(params["data"]["aug"]),
-        test_mode=True,
-        fast_images=bool(params["data"]["fast_images"]),
-        with_seq_flag=True,
-        sequences_split_num=1,
-        keep_consistent_seq_aug=False,
-    )
+    dataset = dataset_from_params(params, val_infos, training=False)
     if dataset.metadata.get("version") != version:
         raise TrainError(
             f"{val_infos} was converted from {dataset.metadata.get('version')}, but convert.version is {version}"
@@ -118,7 +117,8 @@ def validate_between_steps(model: torch.nn.Module, dataset: Any, convert: dict, 
     head's temporal state and every RNG are put back and the model is in train mode again, so a
     run with validation trains the same weights as one without. Every rank infers its share;
     rank 0 gets the metrics (None elsewhere), the others wait for it."""
-    from pipeline.evaluate import EvaluateError, validate
+    from pipeline.evaluate import validate
+    from pipeline.submission import EvaluateError
 
     temporal, rng = temporal_state(model, dist.device), rng_state()
     try:
@@ -134,24 +134,6 @@ def validate_between_steps(model: torch.nn.Module, dataset: Any, convert: dict, 
     if dist.world_size > 1:
         torch.distributed.barrier()
     return metrics
-
-
-def training_dataset(params: dict, infos: str) -> Any:
-    from pipeline.dataset import Sparse4DDataset
-
-    dp = params["data"]
-    return Sparse4DDataset(
-        infos,
-        classes=list(params["model"]["classes"]),
-        data_aug_conf=dict(dp["aug"]),
-        test_mode=False,
-        with_seq_flag=True,
-        sequences_split_num=int(dp["sequences_split_num"]),
-        keep_consistent_seq_aug=True,
-        photometric=bool(dp["photometric"]),
-        fast_images=bool(dp["fast_images"]),
-        use_valid_flag=bool(dp["use_valid_flag"]),
-    )
 
 
 def training_loader(dataset: Any, params: dict, dist: Dist, batch_size: int, skip: int) -> torch.utils.data.DataLoader:
@@ -321,16 +303,16 @@ def build_run(params: dict, infos: str, anchors: str, backbone_manifest: str, va
     total_batch = int(tp["total_batch_size"])
     if total_batch % dist.world_size:
         raise TrainError(f"train.total_batch_size: {total_batch} is not divisible by the {dist.world_size} devices")
-    precision = str(tp["precision"])
-    if precision == "auto":
-        precision = "fp16" if device_type in ("cuda", "npu") else "fp32"
+    precision = resolve_precision(str(tp["precision"]), device_type)
 
     seed = int(tp["seed"])
     random.seed(seed + dist.rank)
     np.random.seed(seed + dist.rank)
     torch.manual_seed(seed + dist.rank)
 
-    dataset = training_dataset(params, infos)
+    from pipeline.dataset import dataset_from_params
+
+    dataset = dataset_from_params(params, infos, training=True)
     val_dataset = validation_dataset(params, val_infos) if int(tp["eval_interval"]) > 0 else None
     max_iters = int(tp["iterations"]) or int(float(tp["epochs"]) * max(1, len(dataset) // total_batch))
     anchor = load_anchors(anchors)

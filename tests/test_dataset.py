@@ -29,6 +29,7 @@ from pipeline.dataset import (
 )
 from pipeline.sampler import GroupInBatchSampler, SamplerError
 from pipeline.settings import CLASSES as DETECTION_CLASSES
+from tests.conftest import ROOT
 
 CLASSES = list(DETECTION_CLASSES)
 AUG = {
@@ -383,3 +384,29 @@ def test_cut_lidar_file_is_an_error_naming_it(infos_pkl, tmp_path):
     cut.write_bytes(b"")
     with pytest.raises(DatasetError, match=rf"{cut.name}: 0 bytes"):
         ds[0]
+
+
+@pytest.mark.parametrize("profile", ["params.yaml", "params-full.yaml", "params-performance.yaml"])
+def test_the_stages_dataset_follows_the_profile_not_the_constructor_defaults(infos_pkl, profile):
+    """dataset_from_params is the one way train, validation, evaluate and the benchmarks build
+    the dataset: each data setting is the profile's."""
+    import yaml
+
+    from pipeline.dataset import dataset_from_params
+
+    params = yaml.safe_load((ROOT / profile).read_text())
+    dp = params["data"]
+    train = dataset_from_params(params, str(infos_pkl), training=True)
+    assert not train.test_mode and train.keep_consistent_seq_aug
+    assert (train.photometric, train.fast_images, train.use_valid_flag) == (
+        dp["photometric"],
+        dp["fast_images"],
+        dp["use_valid_flag"],
+    )
+    scenes = len(set(train.flag.tolist()))
+    whole = dataset_from_params(params, str(infos_pkl), training=False, fast_images=False)
+    assert (
+        whole.test_mode
+        and not whole.fast_images
+        and len(set(whole.flag.tolist())) * dp["sequences_split_num"] == scenes
+    )

@@ -14,21 +14,11 @@ from pyquaternion import Quaternion
 
 from pipeline import pictures
 from pipeline.convert import convert
-from pipeline.evaluate import (
-    EvaluateError,
-    devkit_tracking_compat,
-    draw_pictures,
-    evaluate,
-    flat_tracking_metrics,
-    nuscenes_eval,
-    scene_tracks,
-    sequence_chunks,
-    submission,
-    tracking_eval,
-    tracking_submission,
-    write_results,
-)
+from pipeline.evaluate import evaluate, sequence_chunks
+from pipeline.metrics import devkit_tracking_compat, flat_tracking_metrics, nuscenes_eval, tracking_eval
+from pipeline.pictures import draw_pictures, scene_tracks
 from pipeline.settings import CLASSES as DETECTION_CLASSES
+from pipeline.submission import EvaluateError, submission, tracking_submission, write_results
 from tests.conftest import ROOT, SMALL  # noqa: F401
 
 CLASSES = list(DETECTION_CLASSES)
@@ -484,7 +474,8 @@ def test_fused_conv_bn_keeps_the_outputs(small_twin, stage_workspace, val_infos,
 
 
 def test_a_checkpoint_trained_with_other_model_settings_is_named():
-    from pipeline.evaluate import EvaluateError, check_trained_settings
+    from pipeline.evaluate import check_trained_settings
+    from pipeline.submission import EvaluateError
 
     trained = {"model": {"embed_dims": 32, "num_decoder": 2, "loss": {"cls_weight": 2.0}}}
     check_trained_settings(trained, {"embed_dims": 32, "num_decoder": 2, "loss": {"cls_weight": 3.0}}, "m.pth")

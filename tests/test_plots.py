@@ -116,7 +116,7 @@ def test_evaluate_writes_the_per_class_and_pr_data_dvc_yaml_draws(tmp_path):
 
     import numpy as np
 
-    from pipeline.evaluate import per_class_table, pr_curve_tables
+    from pipeline.metrics import per_class_table, pr_curve_tables
 
     ap = {name: i / 10 for i, name in enumerate(CLASSES)}
     per_class_table(ap, {"car": 0.25, "bus": 0.5}, str(tmp_path))
