@@ -196,7 +196,7 @@ def _raise_for_rendezvous(stderr: str, launch: Launch) -> None:
             f"not all {launch.nnodes} nodes joined the rendezvous at {where} within train.join_timeout = "
             f"{launch.join_timeout} s; on every other node run `{others}` on the same commit, params and data"
         )
-    if "RendezvousConnectionError" in stderr or "DistNetworkError" in stderr:
+    if "RendezvousConnectionError" in stderr:
         raise LaunchError(
             f"node {launch.node_rank} could not reach node 0's rendezvous at {where} (train.master_addr, "
             "train.master_port): is node 0 running `dvc repro` (or `dvc exp run`), and is the port open?"
