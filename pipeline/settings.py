@@ -330,6 +330,11 @@ SCHEMA: dict[str, Any] = {
         "draw_frames": Int(0),
         "draw_score_threshold": PROBABILITY,
     },
+    "export": {
+        "opset": Int(16),  # GridSample needs 16; 17 has LayerNormalization
+        "check_frames": Int(0),  # first val frames checked in onnxruntime against PyTorch; 0: all
+        "tolerance": Float(0.0, lo_open=True),
+    },
 }
 
 

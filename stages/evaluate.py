@@ -27,11 +27,12 @@ BROKEN_MAP = 0.05
 
 def demo_profile_digest(params: dict) -> str:
     """sha256 of the settings that decide a trained model and its score: every section but
-    evaluate's, without the launch settings (pipeline.settings.LAUNCH_KEYS)."""
+    evaluate's and export's (which come after the score), without the launch settings
+    (pipeline.settings.LAUNCH_KEYS)."""
     decisive = {
         section: {k: v for k, v in values.items() if k not in LAUNCH_KEYS.get(section, ())}
         for section, values in params.items()
-        if section != "evaluate"
+        if section not in ("evaluate", "export")
     }
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
 

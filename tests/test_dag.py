@@ -80,8 +80,9 @@ def test_train_tracks_every_identity_setting_and_no_launch_setting():
     assert identity <= tracked, f"settings the train stage reads but dvc.yaml does not list: {identity - tracked}"
 
 
-def test_evaluate_scores_the_checkpoint_its_param_names():
-    spec = dvc_stages()["evaluate"]
+@pytest.mark.parametrize("stage", ["evaluate", "export"])
+def test_evaluate_and_export_take_the_checkpoint_its_param_names(stage):
+    spec = dvc_stages()[stage]
     assert "${evaluate.checkpoint}" in spec["deps"]
     assert "--checkpoint ${evaluate.checkpoint}" in spec["cmd"]
     assert "runs/train/model.pth" not in spec["deps"] and "runs/train/model.pth" not in spec["cmd"]
@@ -168,7 +169,7 @@ def test_dvc_status_follows_code_and_model_settings_not_launch_settings(project)
     assert with_train(lr=1e-4) == {"train"}
     settings = project / "pipeline" / "settings.py"
     settings.write_text(settings.read_text() + "\n# a change\n")
-    every = {"synthesize", "fingerprint", "convert", "anchors", "backbone", "train", "evaluate"}
+    every = {"synthesize", "fingerprint", "convert", "anchors", "backbone", "train", "evaluate", "export"}
     assert changed_stages(project) == every
 
 
@@ -178,6 +179,6 @@ def test_stages_read_the_tables_and_the_fingerprint_not_the_dataset_root():
     stages = dvc_stages()
     for name, spec in stages.items():
         assert "${convert.data_root}" not in spec.get("deps", []), name
-    for name in ("train", "evaluate"):
+    for name in ("train", "evaluate", "export"):
         assert "data/fingerprint.json" in stages[name]["deps"], name
     assert stages["fingerprint"].get("always_changed") is True

@@ -85,6 +85,10 @@ def public_torch_impl(f, p, w):
 TORCH_IMPLS = {"sparse": sparse_impl, "gather": gather_impl, "public": public_torch_impl}
 
 
+def exportable_impl(f, p, w):
+    return deformable_aggregation(f, p, w, backend="exportable")
+
+
 def run(
     fn: Callable[..., torch.Tensor], inputs: Inputs, seed: int = 1
 ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
@@ -210,6 +214,38 @@ def test_border_band_follows_the_op_not_grid_sample():
         assert grad[0, 0, 0, 0, 0] > 0 and grad[0, 1, 0, 0, 0] < 0 and grad[0, 2:].abs().max() == 0
     plain = deformable_aggregation_grid_sample([feature], points_2d, weights)
     torch.testing.assert_close(plain[0, 2], torch.tensor([0.25, 0.25 * (1 + h * w)], dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The exportable formulation (grid_sample with the op's border rule: what model.onnx holds)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shapes", [SHAPES, SHAPES3], ids=["2levels", "3levels"])
+def test_exportable_matches_the_op(shapes):
+    inputs = make_inputs(shapes)
+    assert 0.2 < inside_share(inputs[1]) < 0.8
+    assert_matches_op(exportable_impl, inputs)
+    assert_matches_op(exportable_impl, make_inputs(shapes, seed=1), tol=1e-11)  # float64 throughout
+
+
+def test_exportable_matches_the_op_at_the_borders():
+    """Values at and around every border, and half a pixel to a pixel outside, as the op: the band where plain
+    grid_sample still blends with the padding gives nothing. (The point gradient is not compared there: these
+    points sit exactly on pixel centres, where bilinear sampling has a kink and grid_sample's own rounding of
+    loc * size - 0.5 may take the other side's slope. Inference, the formulation's use, has no gradients.)"""
+    for shapes, seed in ((SHAPES, 5), (SHAPES3, 6)):
+        feature_maps, _, weights = make_inputs(shapes, seed=4)
+        points_2d = border_points(shapes, seed=seed)
+        torch.testing.assert_close(
+            exportable_impl(feature_maps, points_2d, weights),
+            oracle(feature_maps, points_2d, weights),
+            atol=1e-12,
+            rtol=1e-12,
+        )
+    band = make_inputs(SHAPES3, seed=2, low=-0.08, high=1.08)  # many points within a pixel of the borders
+    torch.testing.assert_close(exportable_impl(*band), oracle(*band), atol=1e-12, rtol=1e-12)
+    assert not torch.allclose(deformable_aggregation_grid_sample(*band), oracle(*band))
 
 
 @pytest.mark.parametrize("impl", list(TORCH_IMPLS))

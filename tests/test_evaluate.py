@@ -19,7 +19,7 @@ from pipeline.metrics import devkit_tracking_compat, flat_tracking_metrics, nusc
 from pipeline.pictures import draw_pictures, scene_tracks
 from pipeline.settings import CLASSES as DETECTION_CLASSES
 from pipeline.submission import EvaluateError, submission, tracking_submission, write_results
-from tests.conftest import ROOT, SMALL  # noqa: F401
+from tests.conftest import ROOT, SMALL, stage_params  # noqa: F401
 
 CLASSES = list(DETECTION_CLASSES)
 TRACKING_CLASSES = ["bicycle", "bus", "car", "motorcycle", "pedestrian", "trailer", "truck"]
@@ -242,46 +242,6 @@ def test_a_submission_without_tracks_scores_the_worst(small_twin, val_infos, tmp
 
 
 # ---- the stage end to end -------------------------------------------------------------------
-
-STAGE_MODEL = dict(
-    depth=18, with_cp=False, embed_dims=32, num_groups=2, num_decoder=2, num_single_frame_decoder=1,
-    num_temp_instances=10, num_dn_groups=1, num_temp_dn_groups=1, max_dn_gt=8, num_depth_layers=1, use_grid_mask=False,
-    classes=list(CLASSES),
-)  # fmt: skip
-STAGE_AUG = dict(H=360, W=640, final_dim=[64, 176], resize_lim=[0.28, 0.28], bot_pct_lim=[0.0, 0.0], rot_lim=[0.0, 0.0], rand_flip=False, rot3d_range=[0.0, 0.0])  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def stage_workspace(small_twin, tmp_path_factory):
-    """Val infos of the small twin and an untrained (randomly initialised) small model."""
-    import torch
-
-    from model import build_model
-    from pipeline.anchors import kmeans_anchors
-
-    root = tmp_path_factory.mktemp("evaluate")
-    cwd = os.getcwd()
-    os.chdir(small_twin.parent.parent)
-    try:
-        converted = convert("data/nuscenes", "v1.0-mini")
-    finally:
-        os.chdir(cwd)
-    with open(root / "val.pkl", "wb") as f:
-        pickle.dump(converted["val"], f)
-    boxes = np.concatenate([i["gt_boxes"] for i in converted["train"]["infos"]])
-    torch.manual_seed(0)
-    model = build_model(dict(stage_params(small_twin)["model"]), kmeans_anchors(boxes, 20, 55.0, 0)[0])
-    torch.save({"state_dict": model.state_dict()}, root / "model.pth")
-    return root
-
-
-def stage_params(small_twin, version: str = "v1.0-mini") -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"].update(STAGE_MODEL)
-    params["data"]["aug"].update(STAGE_AUG)
-    params["convert"].update(data_root=str(small_twin), version=version)
-    params["evaluate"].update(device="cpu", devices=1, checkpoint="")
-    return params
 
 
 def test_evaluate_stage_writes_numeric_tracking_metrics_and_pictures(

@@ -12,8 +12,10 @@ import torch
 from model import build_model
 from model.head import operation_order
 from model.target import NEGATIVE_QUERY
+from tests.conftest import model_settings
 
-TINY = dict(
+# the demo profile's model, smaller (grid mask on, as the reference trains)
+TINY = model_settings(
     depth=18,
     embed_dims=64,
     num_groups=4,
@@ -23,6 +25,7 @@ TINY = dict(
     num_temp_dn_groups=1,
     max_dn_gt=8,
     with_cp=False,
+    use_grid_mask=True,
 )
 REFERENCE_NAMES = Path(__file__).parent / "data" / "sparse4dv3_r50_state_dict.tsv"
 
@@ -162,7 +165,7 @@ def reference_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def test_full_config_state_dict_is_the_reference_one(tmp_path):
-    net = build_model({"depth": 50})
+    net = build_model(model_settings("params-full.yaml"), np.zeros((900, 11), np.float32))
     ours = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     ref = reference_shapes()
     assert len(ref) == 819
@@ -171,7 +174,7 @@ def test_full_config_state_dict_is_the_reference_one(tmp_path):
     ckpt = tmp_path / "sparse4dv3.pth"
     torch.save({"state_dict": {k: torch.zeros(s) for k, s in ref.items()}}, ckpt)
     state = torch.load(ckpt)["state_dict"]
-    build_model({"depth": 50}).load_state_dict(state, strict=True)
+    build_model(model_settings("params-full.yaml"), np.zeros((900, 11), np.float32)).load_state_dict(state, strict=True)
 
 
 def test_operation_order_is_the_reference_one():

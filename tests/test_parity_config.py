@@ -13,6 +13,7 @@ import yaml
 
 from model.detector import build_model
 from pipeline.settings import CLASSES
+from tests.conftest import model_settings
 from tests.reference import PORT_MMDET_PATCH, REFERENCE_LOSS, REFERENCE_MATCHING, ROOT, require_reference
 
 CONFIG = "projects/configs/sparse4dv3_temporal_r50_1x8_bs6_256x704.py"
@@ -82,7 +83,9 @@ def test_every_profile_keeps_the_reference_loss_and_matching(reference_head, pro
 
 def test_a_changed_weight_reaches_the_built_model():
     anchor = np.zeros((8, 11), np.float32)
-    small = dict(depth=18, embed_dims=32, num_groups=2, num_decoder=2, num_temp_instances=4, num_depth_layers=0)
+    small = model_settings(
+        depth=18, embed_dims=32, num_groups=2, num_decoder=2, num_temp_instances=4, num_depth_layers=0
+    )
     default = build_model(small, anchor).head
     assert default.loss_cls.loss_weight == REFERENCE_LOSS["cls_weight"]
     assert default.target_assigner.reg_weights == REFERENCE_MATCHING["reg_weights"]
@@ -90,13 +93,14 @@ def test_a_changed_weight_reaches_the_built_model():
     changed = dict(
         small,
         loss={
+            **small["loss"],
             "cls_weight": 3.0,
             "focal_gamma": 1.5,
             "box_weight": 0.5,
             "reg_weights": [1.0] * 10,
             "detach_centerness_target": True,
         },
-        matching={"reg_weights": [1.0] * 10, "dn_noise_scale": [1.0] * 10},
+        matching={**small["matching"], "reg_weights": [1.0] * 10, "dn_noise_scale": [1.0] * 10},
     )
     head = build_model(changed, anchor).head
     assert (head.loss_cls.loss_weight, head.loss_cls.gamma, head.loss_cls.alpha) == (3.0, 1.5, 0.25)

@@ -26,6 +26,8 @@ Backends (``deformable_aggregation(..., backend=...)``):
 * ``"grid_sample"``: the plain formulation, :func:`deformable_aggregation_grid_sample` (``grid_sample`` over every
   camera and level, then a dense weighted sum), as the reference's CPU fallback (``use_deformable_func=False``).
   Only the baseline of ``benchmarks/deformable_aggregation_speed.py``: it differs from the op at the borders.
+* ``"exportable"``: :func:`deformable_aggregation_exportable`, grid_sample with the op's border rule (the pairs the op
+  skips get weight 0): the op's semantics in ONNX operators, traced by ``model.export`` for ``model.onnx``.
 * ``"mx_driving"``: the Ascend NPU op ``mx_driving.deformable_aggregation`` (older releases:
   ``mx_driving.npu_deformable_aggregation`` or ``mx_driving.fused.npu_deformable_aggregation``), which has its
   own autograd.
@@ -69,13 +71,14 @@ __all__ = [
     "CUDA_EXT_MODULES",
     "FlattenedFeatures",
     "deformable_aggregation",
+    "deformable_aggregation_exportable",
     "deformable_aggregation_grid_sample",
     "flatten_feature_maps",
     "mx_driving_rejects",
     "select_backend",
 ]
 
-BACKENDS = ("auto", "torch", "grid_sample", "cuda_ext", "mx_driving")
+BACKENDS = ("auto", "torch", "grid_sample", "exportable", "cuda_ext", "mx_driving")
 
 # Import names tried for the reference's compiled CUDA op (TORCH_EXTENSION_NAME in its setup.py); the reference
 # imports it relatively from projects/mmdet3d_plugin/ops, so it is found here when built on sys.path or next to
@@ -190,6 +193,37 @@ def deformable_aggregation_grid_sample(
     ).permute(0, 5, 6, 1, 2, 3, 4)  # (bs, num_anchor, num_pts, num_cams, num_levels, num_groups, C / num_groups)
     out = (weights[..., None] * sampled).sum(dim=(2, 3, 4))  # (bs, num_anchor, num_groups, C / num_groups)
     return out.reshape(bs, num_anchor, channels)
+
+
+def deformable_aggregation_exportable(
+    feature_maps: Sequence[torch.Tensor], points_2d: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """The op's semantics in operators every ONNX runtime has (GridSample, opset 16, and element-wise ops): what
+    ``model.export`` traces. ``grid_sample`` per level over every camera, with the (point, camera) pairs that the op
+    skips (normalised x or y not strictly inside (0, 1)) given weight 0 first, so the half-pixel band that
+    ``grid_sample`` still blends with the padding contributes nothing. Equal to the op up to float rounding, in
+    values and gradients (tests/test_deformable_aggregation.py against the kernel oracle); it materialises one
+    (bs * num_cams, C, num_anchor, num_pts) sample per level, so it is the deployment formulation, not the
+    training one.
+
+    Args and returns as :func:`deformable_aggregation_grid_sample`.
+    """
+    bs, num_anchor, num_pts, num_cams, num_levels, num_groups, channels = _check_inputs(
+        feature_maps, points_2d, weights
+    )
+    x, y = points_2d[..., 0], points_2d[..., 1]
+    inside = (x > 0) & (x < 1) & (y > 0) & (y < 1)  # (bs, num_anchor, num_pts, num_cams)
+    weights = weights * inside[..., None, None].to(weights.dtype)
+    # (bs, num_anchor, num_pts, num_cams, num_levels, num_groups) -> (bs, num_cams, num_levels, num_groups, 1, A, P)
+    weights = weights.permute(0, 3, 4, 5, 1, 2).unsqueeze(4)
+    grid = (points_2d * 2 - 1).permute(0, 3, 1, 2, 4).flatten(0, 1)  # (bs * num_cams, num_anchor, num_pts, 2)
+    out = None
+    for level, fm in enumerate(feature_maps):
+        sampled = F.grid_sample(fm.flatten(0, 1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        sampled = sampled.reshape(bs, num_cams, num_groups, channels // num_groups, num_anchor, num_pts)
+        term = (sampled * weights[:, :, level]).sum(dim=(1, 5))  # (bs, num_groups, C / num_groups, num_anchor)
+        out = term if out is None else out + term
+    return out.reshape(bs, channels, num_anchor).transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -757,7 +791,7 @@ def deformable_aggregation(
         points_2d: (bs, num_anchor, num_pts, num_cams, 2) key points projected into every camera, normalised
             image coordinates (x / W, y / H); a (point, camera) not strictly inside (0, 1) x (0, 1) is skipped.
         weights: (bs, num_anchor, num_pts, num_cams, num_levels, num_groups); C must be divisible by num_groups.
-        backend: "auto", "torch", "grid_sample", "cuda_ext" or "mx_driving" (see the module docstring).
+        backend: "auto", "torch", "grid_sample", "exportable", "cuda_ext" or "mx_driving" (see the module docstring).
 
     Returns:
         (bs, num_anchor, C): for channel group g, the sum over points, cameras and levels of
@@ -774,6 +808,8 @@ def deformable_aggregation(
         backend = _auto_backend(levels, points_2d, weights)
     if backend == "grid_sample":
         return deformable_aggregation_grid_sample(levels, points_2d, weights)
+    if backend == "exportable":
+        return deformable_aggregation_exportable(levels, points_2d, weights)
     if backend == "torch":
         return _torch_aggregation(features, points_2d, weights)
     if backend == "cuda_ext":
