@@ -52,6 +52,8 @@ def test_fresh_clone_repro_reproduces_lock(tmp_path):
         "IDS",
         "step_time_s",
         "samples_per_s",
+        "onnxruntime_fps",
+        "max_abs_diff_boxes",
     ):
         assert name in shown, name
     metrics = json.loads((clone / "metrics" / "evaluate.json").read_text())
