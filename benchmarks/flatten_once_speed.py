@@ -45,7 +45,7 @@ import yaml
 from benchmarks.train_step_speed import ROOT, full_config, full_params
 from model import blocks, build_model
 from model.ops import deformable_aggregation
-from pipeline.dataset import Sparse4DDataset, collate, dataset_from_params
+from pipeline.dataset import collate, dataset_from_params
 
 VARIANTS = ("before", "after")
 MIB = 2**20
@@ -107,8 +107,9 @@ def full_anchors(infos: str) -> np.ndarray:
     from pipeline.anchors import kmeans_anchors
 
     cfg = yaml.safe_load((ROOT / "params-full.yaml").read_text())["anchors"]
-    mp, aug, num_anchor = full_config()
-    boxes = np.concatenate([info["gt_boxes"] for info in Sparse4DDataset(infos, mp["classes"], aug).data_infos])
+    mp, _, num_anchor = full_config()
+    dataset = dataset_from_params(full_params(), infos, training=True)
+    boxes = np.concatenate([info["gt_boxes"] for info in dataset.data_infos])
     return kmeans_anchors(boxes, num_anchor, float(cfg["detection_range"]), int(cfg["seed"]))[0]
 
 

@@ -1,7 +1,7 @@
 """Image reading: the dataset's checked reader against plain `cv2.imread`, speed and equality.
 
 Old: `cv2.imread(path, flags)`, which decodes a cut JPEG with its lower part grey. New
-(`pipeline.dataset.read_image`): the file's bytes read once (`np.fromfile`), a JPEG's end-of-image
+(`pipeline.sensors.read_image`): the file's bytes read once (`np.fromfile`), a JPEG's end-of-image
 marker checked, the same bytes decoded with `cv2.imdecode(buf, flags)`. Both read the same camera
 JPEGs in one process, interleaved over several rounds (the order alternating), after a warm-up
 pass that also checks that their pixels are identical; per decode scale (1: the exact chain, 2: the
@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.dataset import REDUCED_READ, read_image
+from pipeline.sensors import REDUCED_READ, read_image
 from pipeline.twin.writer import TwinConfig, write_twin
 
 REAL_SIZE = Path("data/nuscenes/samples/CAM_FRONT")

@@ -25,11 +25,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-from pipeline.dataset import DEFAULT_AUG, IMG_STD, Sparse4DDataset
+from pipeline.dataset import Sparse4DDataset
+from pipeline.sensors import IMG_STD
 from pipeline.settings import CLASSES as DETECTION_CLASSES
 
 CLASSES = list(DETECTION_CLASSES)
+# the full profile's data settings (the reference's augmentation and photometric distortion)
+FULL_DATA = yaml.safe_load((Path(__file__).resolve().parents[1] / "params-full.yaml").read_text())["data"]
 
 
 def run(ds: Sparse4DDataset, items: list[dict]) -> tuple[float, list[dict]]:
@@ -42,8 +46,15 @@ def run(ds: Sparse4DDataset, items: list[dict]) -> tuple[float, list[dict]]:
 
 
 def compare(infos: str, aug: dict, samples: int, test_mode: bool) -> None:
-    fast = Sparse4DDataset(infos, CLASSES, aug, fast_images=True, test_mode=test_mode)
-    exact = Sparse4DDataset(infos, CLASSES, aug, fast_images=False, test_mode=test_mode)
+    settings = dict(
+        data_aug_conf=aug,
+        sequences_split_num=int(FULL_DATA["sequences_split_num"]),
+        use_valid_flag=bool(FULL_DATA["use_valid_flag"]),
+        photometric=bool(FULL_DATA["photometric"]),
+        test_mode=test_mode,
+    )
+    fast = Sparse4DDataset(infos, CLASSES, fast_images=True, **settings)
+    exact = Sparse4DDataset(infos, CLASSES, fast_images=False, **settings)
     np.random.seed(0)
     items = [{"idx": i % len(fast), "aug_config": fast.get_augmentation()} for i in range(samples)]
     run(fast, items[:2])  # warm-up (imports, caches)
@@ -67,13 +78,13 @@ def compare(infos: str, aug: dict, samples: int, test_mode: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--infos", default="data/infos/nuscenes_infos_train.pkl")
-    parser.add_argument("--final-dim", type=int, nargs=2, default=DEFAULT_AUG["final_dim"])
-    parser.add_argument("--resize-lim", type=float, nargs=2, default=DEFAULT_AUG["resize_lim"])
+    parser.add_argument("--final-dim", type=int, nargs=2, default=FULL_DATA["aug"]["final_dim"])
+    parser.add_argument("--resize-lim", type=float, nargs=2, default=FULL_DATA["aug"]["resize_lim"])
     parser.add_argument("--samples", type=int, default=24)
     args = parser.parse_args()
     if not Path(args.infos).is_file():
         sys.exit(f"{args.infos}: not found; run `dvc repro convert` first")
-    aug = {**DEFAULT_AUG, "final_dim": list(args.final_dim), "resize_lim": list(args.resize_lim)}
+    aug = {**FULL_DATA["aug"], "final_dim": list(args.final_dim), "resize_lim": list(args.resize_lim)}
     print(
         f"samples: {args.samples} (6 images of {aug['W']}x{aug['H']} -> {args.final_dim[1]}x{args.final_dim[0]}, "
         f"resize {args.resize_lim})"

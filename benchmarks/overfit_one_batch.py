@@ -46,9 +46,17 @@ def main() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
     params = yaml.safe_load(Path(args.params).read_text())
-    mp, aug_conf = params["model"], params["data"]["aug"]
-    train_set = Sparse4DDataset(args.infos, mp["classes"], aug_conf, photometric=False)
-    test_set = Sparse4DDataset(args.infos, mp["classes"], aug_conf, test_mode=True)
+    mp, dp = params["model"], params["data"]
+    # the profile's data settings, with the reference's exact images and no photometric distortion
+    settings = dict(
+        data_aug_conf=dp["aug"],
+        sequences_split_num=int(dp["sequences_split_num"]),
+        fast_images=False,
+        use_valid_flag=bool(dp["use_valid_flag"]),
+        photometric=False,
+    )
+    train_set = Sparse4DDataset(args.infos, mp["classes"], **settings)
+    test_set = Sparse4DDataset(args.infos, mp["classes"], test_mode=True, **settings)
     aug = test_set.get_augmentation()
     items = [train_set[{"idx": i, "aug_config": aug}] for i in args.frames]
     if args.temporal:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 
-def build_model(cfg: dict[str, Any], anchor=None):
-    """The detector from the `model` section of params.yaml (see model.detector.build_model)."""
+def build_model(cfg: dict[str, Any], anchor):
+    """The detector from a complete `model` section of a params file and (num_anchor, 11) anchors
+    (see model.detector.build_model)."""
     from model.detector import build_model as _build
 
     return _build(cfg, anchor)

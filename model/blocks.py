@@ -34,7 +34,8 @@ class KeyPointsGenerator(nn.Module):
     holds one (with the default single fixed point) as its `anchor_handler`.
     """
 
-    def __init__(self, embed_dims: int = 256, num_learnable_pts: int = 0, fix_scale=None):
+    def __init__(self, embed_dims: int, num_learnable_pts: int = 0, fix_scale=None):
+        """num_learnable_pts 0 and fix_scale None: the anchor's centre alone (the instance bank's)."""
         super().__init__()
         if fix_scale is None:
             fix_scale = ((0.0, 0.0, 0.0),)
@@ -97,13 +98,13 @@ class DeformableFeatureAggregation(nn.Module):
 
     def __init__(
         self,
-        embed_dims: int = 256,
-        num_groups: int = 8,
-        num_levels: int = 4,
-        num_cams: int = 6,
-        attn_drop: float = 0.15,
-        num_learnable_pts: int = 6,
-        fix_scale=None,
+        embed_dims: int,
+        num_groups: int,
+        num_levels: int,
+        num_cams: int,
+        attn_drop: float,
+        num_learnable_pts: int,
+        fix_scale,
     ):
         super().__init__()
         if embed_dims % num_groups:
@@ -175,9 +176,7 @@ class DeformableFeatureAggregation(nn.Module):
 class AsymmetricFFN(nn.Module):
     """Pre-norm FFN from 2C (the aggregation's concat) back to C, with a linear identity branch."""
 
-    def __init__(
-        self, in_channels: int = 512, embed_dims: int = 256, feedforward_channels: int = 1024, ffn_drop: float = 0.1
-    ):
+    def __init__(self, in_channels: int, embed_dims: int, feedforward_channels: int, ffn_drop: float):
         super().__init__()
         self.pre_norm = nn.LayerNorm(in_channels)
         self.layers = nn.Sequential(
@@ -197,12 +196,14 @@ class DenseDepthNet(nn.Module):
 
     def __init__(
         self,
-        embed_dims: int = 256,
-        num_depth_layers: int = 3,
+        embed_dims: int,
+        num_depth_layers: int,
+        *,
+        loss_weight: float,
         equal_focal: float = 100.0,
         max_depth: float = 60.0,
-        loss_weight: float = 0.2,
     ):
+        """equal_focal and max_depth are the reference's constants, which no profile changes."""
         super().__init__()
         self.equal_focal, self.max_depth, self.loss_weight = equal_focal, max_depth, loss_weight
         self.num_depth_layers = num_depth_layers

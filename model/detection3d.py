@@ -44,7 +44,7 @@ class RefinementModule(nn.Module):
     predicted displacement over the frame interval), class logits and quality (centerness,
     yawness)."""
 
-    def __init__(self, embed_dims: int = 256, output_dim: int = 11, num_cls: int = 10):
+    def __init__(self, embed_dims: int, num_cls: int, output_dim: int = 11):
         super().__init__()
         self.output_dim = output_dim
         self.refine_state = [X, Y, Z, LENGTH, WIDTH, HEIGHT, SIN_YAW, COS_YAW]

@@ -17,7 +17,6 @@ from model.blocks import DenseDepthNet, GridMask
 from model.head import Sparse4DHead
 from model.losses import SigmoidFocalLoss
 from model.target import SparseBox3DTarget
-from pipeline.settings import CLASSES
 
 FIX_SCALE = ((0, 0, 0), (0.45, 0, 0), (-0.45, 0, 0), (0, 0.45, 0), (0, -0.45, 0), (0, 0, 0.45), (0, 0, -0.45))
 RESNET_CHANNELS = {
@@ -35,7 +34,7 @@ class Sparse4D(nn.Module):
         img_neck: nn.Module,
         head: Sparse4DHead,
         depth_branch: DenseDepthNet | None,
-        use_grid_mask: bool = True,
+        use_grid_mask: bool,
     ):
         super().__init__()
         self.img_backbone = img_backbone
@@ -126,38 +125,16 @@ class Sparse4D(nn.Module):
         return ignored
 
 
-# The reference's loss and matching weights (model.loss / model.matching in params.yaml); per-dimension
-# weights over the encoded box x, y, z, log l, log w, log h, sin yaw, cos yaw, vx, vy.
-LOSS_DEFAULTS: dict[str, Any] = {
-    "cls_weight": 2.0,
-    "focal_gamma": 2.0,
-    "focal_alpha": 0.25,
-    "box_weight": 0.25,
-    "reg_weights": [2.0] * 3 + [1.0] * 7,
-    "cls_threshold_to_reg": 0.05,
-    "detach_centerness_target": False,  # the reference; the Ascend port (the seed profiles): True
-}
-MATCHING_DEFAULTS: dict[str, Any] = {
-    "cls_weight": 2.0,
-    "box_weight": 0.25,
-    "reg_weights": [2.0] * 3 + [0.5] * 3 + [0.0] * 4,
-    "cone_reg_weights": [2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0],
-    "dn_noise_scale": [2.0] * 3 + [0.5] * 7,
-}
+def build_model(cfg: dict[str, Any], anchor: np.ndarray) -> Sparse4D:
+    """The detector from a complete `model` section of a params file (pipeline.settings.SCHEMA
+    checks every key before any stage calls this): each setting is read here and passed on, and
+    no module under model/ has a default of its own for it.
 
-
-def build_model(cfg: dict[str, Any], anchor: np.ndarray | None = None) -> Sparse4D:
-    """The detector from the `model` section of params.yaml.
-
-    anchor: (num_anchor, 11) anchors; default: 900 rows of zeros (the full profile's shape, e.g. to
-    load a checkpoint that carries its anchors).
+    anchor: (num_anchor, 11) anchors: the anchors stage's, or a checkpoint's own.
     """
-    depth = int(cfg.get("depth", 50))
-    embed_dims = int(cfg.get("embed_dims", 256))
-    num_levels = int(cfg.get("num_levels", 4))
-    num_classes = len(cfg.get("classes", CLASSES))
-    if anchor is None:
-        anchor = np.zeros((900, 11), np.float32)
+    depth, embed_dims, num_levels = int(cfg["depth"]), int(cfg["embed_dims"]), int(cfg["num_levels"])
+    classes = list(cfg["classes"])
+    loss, matching = cfg["loss"], cfg["matching"]
     backbone = ResNet(
         depth=depth,
         num_stages=4,
@@ -166,7 +143,7 @@ def build_model(cfg: dict[str, Any], anchor: np.ndarray | None = None) -> Sparse
         norm_cfg=dict(type="BN", requires_grad=True),
         norm_eval=False,
         style="pytorch",
-        with_cp=bool(cfg.get("with_cp", True)),
+        with_cp=bool(cfg["with_cp"]),
     )
     neck = FPN(
         in_channels=RESNET_CHANNELS[depth][:num_levels],
@@ -176,9 +153,6 @@ def build_model(cfg: dict[str, Any], anchor: np.ndarray | None = None) -> Sparse
         add_extra_convs="on_output",
         relu_before_extra_convs=True,
     )
-    classes = list(cfg.get("classes", CLASSES))
-    loss = {**LOSS_DEFAULTS, **cfg.get("loss", {})}
-    matching = {**MATCHING_DEFAULTS, **cfg.get("matching", {})}
     target_assigner = SparseBox3DTarget(
         cls_weight=float(matching["cls_weight"]),
         box_weight=float(matching["box_weight"]),
@@ -186,26 +160,25 @@ def build_model(cfg: dict[str, Any], anchor: np.ndarray | None = None) -> Sparse
         cls_wise_reg_weights={classes.index("traffic_cone"): [float(w) for w in matching["cone_reg_weights"]]}
         if "traffic_cone" in classes
         else None,
-        num_dn_groups=int(cfg.get("num_dn_groups", 5)),
-        num_temp_dn_groups=int(cfg.get("num_temp_dn_groups", 3)),
+        num_dn_groups=int(cfg["num_dn_groups"]),
+        num_temp_dn_groups=int(cfg["num_temp_dn_groups"]),
         dn_noise_scale=[float(w) for w in matching["dn_noise_scale"]],
-        max_dn_gt=int(cfg.get("max_dn_gt", 32)),
-        add_neg_dn=True,
+        max_dn_gt=int(cfg["max_dn_gt"]),
     )
     head = Sparse4DHead(
         anchor=anchor,
-        num_classes=num_classes,
+        num_classes=len(classes),
         embed_dims=embed_dims,
-        num_groups=int(cfg.get("num_groups", 8)),
+        num_groups=int(cfg["num_groups"]),
         num_levels=num_levels,
-        num_cams=int(cfg.get("num_cams", 6)),
-        num_decoder=int(cfg.get("num_decoder", 6)),
-        num_single_frame_decoder=int(cfg.get("num_single_frame_decoder", 1)),
-        num_temp_instances=int(cfg.get("num_temp_instances", 600)),
-        confidence_decay=float(cfg.get("confidence_decay", 0.6)),
-        dropout=float(cfg.get("dropout", 0.1)),
-        attn_drop=float(cfg.get("attn_drop", 0.15)),
-        num_learnable_pts=int(cfg.get("num_learnable_pts", 6)),
+        num_cams=int(cfg["num_cams"]),
+        num_decoder=int(cfg["num_decoder"]),
+        num_single_frame_decoder=int(cfg["num_single_frame_decoder"]),
+        num_temp_instances=int(cfg["num_temp_instances"]),
+        confidence_decay=float(cfg["confidence_decay"]),
+        dropout=float(cfg["dropout"]),
+        attn_drop=float(cfg["attn_drop"]),
+        num_learnable_pts=int(cfg["num_learnable_pts"]),
         fix_scale=FIX_SCALE,
         target_assigner=target_assigner,
         reg_weights=[float(w) for w in loss["reg_weights"]],
@@ -214,19 +187,19 @@ def build_model(cfg: dict[str, Any], anchor: np.ndarray | None = None) -> Sparse
             gamma=float(loss["focal_gamma"]), alpha=float(loss["focal_alpha"]), loss_weight=float(loss["cls_weight"])
         ),
         box_loss_weight=float(loss["box_weight"]),
+        detach_centerness_target=bool(loss["detach_centerness_target"]),
         cls_allow_reverse=[classes.index("barrier")] if "barrier" in classes else None,
-        num_output=int(cfg.get("num_output", 300)),
-        correct_projected_yaw=bool(cfg.get("correct_projected_yaw", False)),
-        sort_cls_scores=bool(cfg.get("sort_cls_scores", False)),
+        num_output=int(cfg["num_output"]),
+        correct_projected_yaw=bool(cfg["correct_projected_yaw"]),
+        sort_cls_scores=bool(cfg["sort_cls_scores"]),
     )
-    head.loss_reg.detach_centerness_target = bool(loss["detach_centerness_target"])
-    depth_layers = int(cfg.get("num_depth_layers", 3))
+    depth_layers = int(cfg["num_depth_layers"])
     depth_branch = (
-        DenseDepthNet(embed_dims, depth_layers, loss_weight=float(cfg.get("depth_loss_weight", 0.2)))
+        DenseDepthNet(embed_dims, depth_layers, loss_weight=float(cfg["depth_loss_weight"]))
         if depth_layers > 0
         else None
     )
-    model = Sparse4D(backbone, neck, head, depth_branch, use_grid_mask=bool(cfg.get("use_grid_mask", True)))
+    model = Sparse4D(backbone, neck, head, depth_branch, use_grid_mask=bool(cfg["use_grid_mask"]))
     model.head.init_weights()
     # mmcv logs every initialised parameter at INFO level; keep the logs readable.
     mmcv_logger = logging.getLogger("mmcv")

@@ -22,7 +22,7 @@ from mmdet.core import reduce_mean
 from model.blocks import AsymmetricFFN, DeformableFeatureAggregation
 from model.detection3d import AnchorEncoder, RefinementModule
 from model.instance_bank import InstanceBank
-from model.losses import SigmoidFocalLoss, SparseBox3DLoss, as_fp32
+from model.losses import SparseBox3DLoss, as_fp32
 from model.ops import FlattenedFeatures
 from model.post_process import BoxPostProcessor
 from model.target import SparseBox3DTarget
@@ -52,51 +52,58 @@ class Sparse4DHead(nn.Module):
     def __init__(
         self,
         anchor: np.ndarray,
-        num_classes: int = 10,
-        embed_dims: int = 256,
-        num_groups: int = 8,
-        num_levels: int = 4,
-        num_cams: int = 6,
-        num_decoder: int = 6,
-        num_single_frame_decoder: int = 1,
-        num_temp_instances: int = 600,
-        confidence_decay: float = 0.6,
-        dropout: float = 0.1,
-        attn_drop: float = 0.15,
-        num_learnable_pts: int = 6,
-        fix_scale=None,
-        target_assigner: SparseBox3DTarget | None = None,
-        reg_weights: list[float] | None = None,
-        cls_threshold_to_reg: float = 0.05,
-        cls_allow_reverse: list[int] | None = None,
-        loss_cls: nn.Module | None = None,
-        box_loss_weight: float = 0.25,
-        num_output: int = 300,
-        correct_projected_yaw: bool = False,
-        sort_cls_scores: bool = False,
+        *,
+        num_classes: int,
+        embed_dims: int,
+        num_groups: int,
+        num_levels: int,
+        num_cams: int,
+        num_decoder: int,
+        num_single_frame_decoder: int,
+        num_temp_instances: int,
+        confidence_decay: float,
+        dropout: float,
+        attn_drop: float,
+        num_learnable_pts: int,
+        fix_scale,
+        target_assigner: SparseBox3DTarget,
+        reg_weights: list[float],
+        cls_threshold_to_reg: float,
+        cls_allow_reverse: list[int] | None,
+        loss_cls: nn.Module,
+        box_loss_weight: float,
+        detach_centerness_target: bool,
+        num_output: int,
+        correct_projected_yaw: bool,
+        sort_cls_scores: bool,
     ):
+        """Every argument is a setting of the `model` section, read by build_model."""
         super().__init__()
         self.num_decoder = num_decoder
         self.num_single_frame_decoder = num_single_frame_decoder
         self.cls_threshold_to_reg = cls_threshold_to_reg
-        self.reg_weights = reg_weights if reg_weights is not None else [2.0] * 3 + [1.0] * 7
+        self.reg_weights = reg_weights
         self.embed_dims = embed_dims
         temporal = num_temp_instances > 0
         self.operation_order = operation_order(num_decoder, num_single_frame_decoder, temporal)
         self.instance_bank = InstanceBank(
             embed_dims,
             anchor,
-            num_temp_instances,
+            num_temp_instances=num_temp_instances,
             confidence_decay=confidence_decay,
             correct_projected_yaw=correct_projected_yaw,
         )
         self.anchor_encoder = AnchorEncoder([embed_dims // 2, embed_dims // 8, embed_dims // 8, embed_dims // 4])
         # Matching and denoising targets (the reference's `sampler`; it holds no parameters).
-        self.target_assigner = target_assigner if target_assigner is not None else SparseBox3DTarget()
+        self.target_assigner = target_assigner
         # Boxes out of the last decoder (the reference's `decoder`; it holds no parameters).
         self.post_processor = BoxPostProcessor(num_output=num_output, sort_cls_scores=sort_cls_scores)
-        self.loss_cls = loss_cls if loss_cls is not None else SigmoidFocalLoss(gamma=2.0, alpha=0.25, loss_weight=2.0)
-        self.loss_reg = SparseBox3DLoss(box_weight=box_loss_weight, cls_allow_reverse=cls_allow_reverse)
+        self.loss_cls = loss_cls
+        self.loss_reg = SparseBox3DLoss(
+            box_weight=box_loss_weight,
+            cls_allow_reverse=cls_allow_reverse,
+            detach_centerness_target=detach_centerness_target,
+        )
 
         def build(op: str) -> nn.Module:
             if op in ("temp_gnn", "gnn"):
@@ -121,7 +128,7 @@ class Sparse4DHead(nn.Module):
                     num_learnable_pts,
                     fix_scale,
                 )
-            return RefinementModule(embed_dims, num_cls=num_classes)
+            return RefinementModule(embed_dims, num_classes)
 
         self.layers = nn.ModuleList(build(op) for op in self.operation_order)
         # Decoupled attention: queries and keys are [feature, anchor embedding] (2C wide).

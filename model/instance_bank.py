@@ -29,12 +29,14 @@ class InstanceBank(nn.Module):
         self,
         embed_dims: int,
         anchor: np.ndarray,
-        num_temp_instances: int = 600,
+        *,
+        num_temp_instances: int,
+        confidence_decay: float,
+        correct_projected_yaw: bool,
         default_time_interval: float = 0.5,
-        confidence_decay: float = 0.6,
         max_time_interval: float = 2.0,
-        correct_projected_yaw: bool = False,
     ):
+        """The settings are model's (build_model); the two intervals are the reference's constants."""
         super().__init__()
         self.correct_projected_yaw = correct_projected_yaw  # see KeyPointsGenerator.anchor_projection
         self.embed_dims = embed_dims
@@ -42,7 +44,7 @@ class InstanceBank(nn.Module):
         self.default_time_interval = default_time_interval
         self.confidence_decay = confidence_decay
         self.max_time_interval = max_time_interval
-        self.anchor_handler = KeyPointsGenerator()
+        self.anchor_handler = KeyPointsGenerator(embed_dims)  # anchor_projection only: no learnable points
         anchor = np.asarray(anchor, dtype=np.float32)  # (num_anchor, 11)
         self.num_anchor = len(anchor)
         self.anchor = nn.Parameter(torch.tensor(anchor))

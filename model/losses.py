@@ -28,7 +28,7 @@ class SigmoidFocalLoss(nn.Module):
     reproduce the committed weights.
     """
 
-    def __init__(self, gamma: float = 2.0, alpha: float = 0.25, loss_weight: float = 2.0):
+    def __init__(self, *, gamma: float, alpha: float, loss_weight: float):
         super().__init__()
         self.gamma, self.alpha, self.loss_weight = gamma, alpha, loss_weight
 
@@ -46,12 +46,7 @@ class SigmoidFocalLoss(nn.Module):
 
 
 class SparseBox3DLoss(nn.Module):
-    def __init__(
-        self,
-        box_weight: float = 0.25,
-        cls_allow_reverse: list[int] | None = None,
-        detach_centerness_target: bool = False,
-    ):
+    def __init__(self, *, box_weight: float, cls_allow_reverse: list[int] | None, detach_centerness_target: bool):
         super().__init__()
         self.loss_box = L1Loss(loss_weight=box_weight)
         self.loss_cns = CrossEntropyLoss(use_sigmoid=True)

@@ -23,7 +23,7 @@ class BoxPostProcessor:
     box i. `sort_cls_scores` re-sorts it with the boxes.
     """
 
-    def __init__(self, num_output: int = 300, score_threshold: float | None = None, sort_cls_scores: bool = False):
+    def __init__(self, *, num_output: int, sort_cls_scores: bool, score_threshold: float | None = None):
         self.num_output, self.score_threshold = num_output, score_threshold
         self.sort_cls_scores = sort_cls_scores
 

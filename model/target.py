@@ -66,21 +66,24 @@ class SparseBox3DTarget:
 
     def __init__(
         self,
-        cls_weight: float = 2.0,
+        *,
+        cls_weight: float,
+        box_weight: float,
+        reg_weights: list[float],
+        cls_wise_reg_weights: dict[int, list[float]] | None,
+        num_dn_groups: int,
+        num_temp_dn_groups: int,
+        dn_noise_scale: list[float] | float,
+        max_dn_gt: int,
         alpha: float = 0.25,
         gamma: float = 2.0,
         eps: float = 1e-12,
-        box_weight: float = 0.25,
-        reg_weights: list[float] | None = None,
-        cls_wise_reg_weights: dict[int, list[float]] | None = None,
-        num_dn_groups: int = 5,
-        num_temp_dn_groups: int = 3,
-        dn_noise_scale: list[float] | float = 0.5,
-        max_dn_gt: int = 32,
         add_neg_dn: bool = True,
     ):
+        """The settings are model.matching's and model's (build_model); alpha, gamma, eps (the focal
+        cost) and add_neg_dn are the reference's constants, which no profile changes."""
         self.cls_weight, self.alpha, self.gamma, self.eps, self.box_weight = cls_weight, alpha, gamma, eps, box_weight
-        self.reg_weights = reg_weights if reg_weights is not None else [1.0] * 8 + [0.0] * 2
+        self.reg_weights = reg_weights
         self.cls_wise_reg_weights = cls_wise_reg_weights
         self.num_dn_groups, self.num_temp_dn_groups = num_dn_groups, num_temp_dn_groups
         self.dn_noise_scale, self.max_dn_gt, self.add_neg_dn = dn_noise_scale, max_dn_gt, add_neg_dn

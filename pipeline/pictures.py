@@ -21,8 +21,8 @@ import cv2
 import numpy as np
 from pyquaternion import Quaternion
 
-from pipeline.dataset import REDUCED_READ
 from pipeline.files import write_bytes_atomic
+from pipeline.sensors import REDUCED_READ
 from pipeline.submission import DETECTION_CONFIG, TRACKING_CONFIG, boxes_to_global
 
 CAMERA_GRID = (

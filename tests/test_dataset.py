@@ -15,19 +15,17 @@ import pytest
 from PIL import Image
 
 from pipeline.convert import convert
-from pipeline.dataset import (
+from pipeline.dataset import Sparse4DDataset, collate, lidar2img_matrices
+from pipeline.sampler import GroupInBatchSampler, SamplerError
+from pipeline.sensors import (
     IMG_MEAN,
     IMG_STD,
     REDUCED_READ,
     DatasetError,
-    Sparse4DDataset,
-    collate,
-    lidar2img_matrices,
     load_image_chain,
     load_image_fast,
     read_image,
 )
-from pipeline.sampler import GroupInBatchSampler, SamplerError
 from pipeline.settings import CLASSES as DETECTION_CLASSES
 from tests.conftest import ROOT
 
@@ -42,6 +40,13 @@ AUG = {
     "rand_flip": True,
     "rot3d_range": [-0.3925, 0.3925],
 }
+
+
+def make_dataset(infos_pkl, aug: dict = AUG, **settings) -> Sparse4DDataset:
+    """The dataset with the reference's data settings (2 sequences per scene, the exact image chain,
+    boxes with LiDAR points, photometric distortion) on `aug`, as a test overrides them."""
+    reference = dict(sequences_split_num=2, fast_images=False, use_valid_flag=False, photometric=True)
+    return Sparse4DDataset(str(infos_pkl), CLASSES, data_aug_conf=aug, **{**reference, **settings})
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +89,7 @@ def project(mat: np.ndarray, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def test_augmented_images_match_their_projection_matrices(infos_pkl, fast):
     """A LiDAR point's colour in the source image equals its colour where the sample's projection
     matrix puts it in the augmented image (resize, crop, flip, rotation and 3D rotation)."""
-    ds = Sparse4DDataset(str(infos_pkl), CLASSES, AUG, photometric=False, fast_images=fast)
+    ds = make_dataset(infos_pkl, photometric=False, fast_images=fast)
     info = ds.data_infos[1]
     aug = {
         "resize": 0.45,
@@ -128,8 +133,8 @@ def test_fast_image_path_matches_the_reference_chain(infos_pkl, test_mode):
     """Only the resampling filter differs: under 1 grey level on average, 99 % of the pixels within 16,
     and the same black corners where the rotation or the crop leaves the image."""
     kwargs = dict(photometric=False, with_depth=False, test_mode=test_mode)
-    fast = Sparse4DDataset(str(infos_pkl), CLASSES, AUG, fast_images=True, **kwargs)
-    chain = Sparse4DDataset(str(infos_pkl), CLASSES, AUG, fast_images=False, **kwargs)
+    fast = make_dataset(infos_pkl, fast_images=True, **kwargs)
+    chain = make_dataset(infos_pkl, fast_images=False, **kwargs)
     np.random.seed(3)
     for idx in range(3):
         aug = fast.get_augmentation()
@@ -147,7 +152,7 @@ def test_fast_image_path_matches_the_reference_chain(infos_pkl, test_mode):
 
 
 def test_training_sample_targets(infos_pkl):
-    ds = Sparse4DDataset(str(infos_pkl), CLASSES, AUG)
+    ds = make_dataset(infos_pkl)
     np.random.seed(0)
     s = ds[2]
     assert s["img"].shape == (6, 3, 128, 256)
@@ -165,17 +170,17 @@ def test_training_sample_targets(infos_pkl):
 
 
 def test_test_mode_is_deterministic_and_has_no_targets(infos_pkl):
-    ds = Sparse4DDataset(str(infos_pkl), CLASSES, AUG, test_mode=True)
+    ds = make_dataset(infos_pkl, test_mode=True)
     a, b = ds[0], ds[0]
     assert "gt_bboxes_3d" not in a and "gt_depth" not in a
     np.testing.assert_array_equal(a["img"].numpy(), b["img"].numpy())
 
 
 def test_sequences_are_scenes_cut_in_two(infos_pkl):
-    ds = Sparse4DDataset(str(infos_pkl), CLASSES, AUG, sequences_split_num=2)
+    ds = make_dataset(infos_pkl, sequences_split_num=2)
     # 2 train scenes of 3 frames -> parts of 2 + 1 frames each
     assert ds.flag.tolist() == [0, 0, 1, 2, 2, 3]
-    assert Sparse4DDataset(str(infos_pkl), CLASSES, AUG, sequences_split_num=1).flag.tolist() == [0, 0, 0, 1, 1, 1]
+    assert make_dataset(infos_pkl, sequences_split_num=1).flag.tolist() == [0, 0, 0, 1, 1, 1]
 
 
 def test_sampler_walks_each_sequence_forward_with_one_augmentation():
@@ -271,7 +276,7 @@ def test_boxes_without_lidar_points_are_dropped_unless_use_valid_flag(infos_pkl,
         pickle.dump(data, f)
     kept = {}
     for use_valid_flag in (False, True):
-        ds = Sparse4DDataset(str(path), CLASSES, AUG, use_valid_flag=use_valid_flag)
+        ds = make_dataset(path, use_valid_flag=use_valid_flag)
         index = [i["token"] for i in ds.data_infos].index(info["token"])
         boxes, _, ids = ds.annotations(ds.data_infos[index])
         kept[use_valid_flag] = len(boxes)
@@ -312,15 +317,15 @@ def copy_of(src: str | Path, dest_dir: Path, cut: int = 0, pad: bytes = b"") -> 
 def test_unreadable_image_names_the_file(infos_pkl, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
-    ds = Sparse4DDataset(str(infos_with_files(infos_pkl, tmp_path, image=bad)), CLASSES, AUG, test_mode=True)
+    ds = make_dataset(infos_with_files(infos_pkl, tmp_path, image=bad), test_mode=True)
     with pytest.raises(DatasetError, match="broken.jpg"):
         ds[0]
     with pytest.raises(DatasetError, match="missing.pkl"):
-        Sparse4DDataset(str(tmp_path / "missing.pkl"), CLASSES, AUG)
+        make_dataset(tmp_path / "missing.pkl")
 
 
 def test_source_size_other_than_data_aug_is_a_clear_error(infos_pkl):
-    ds = Sparse4DDataset(str(infos_pkl), CLASSES, {**AUG, "W": 800, "H": 450}, test_mode=True)
+    ds = make_dataset(infos_pkl, aug={**AUG, "W": 800, "H": 450}, test_mode=True)
     with pytest.raises(DatasetError, match=r"data.aug says W x H = 800x450"):
         ds[0]
 
@@ -356,9 +361,7 @@ def test_cut_jpeg_is_an_error_naming_the_file(infos_pkl, tmp_path):
     with pytest.raises(DatasetError, match=message):
         load_image_chain(str(cut), aug, (640, 360))
     for fast in (True, False):
-        ds = Sparse4DDataset(
-            str(infos_with_files(infos_pkl, tmp_path, image=cut)), CLASSES, AUG, test_mode=True, fast_images=fast
-        )
+        ds = make_dataset(infos_with_files(infos_pkl, tmp_path, image=cut), test_mode=True, fast_images=fast)
         with pytest.raises(DatasetError, match=message):
             ds[0]
     with pytest.raises(DatasetError, match="missing.jpg"):
@@ -378,7 +381,7 @@ def test_cut_lidar_file_is_an_error_naming_it(infos_pkl, tmp_path):
     src = Path(first_info(infos_pkl)["lidar_path"])
     cut = copy_of(src, tmp_path, cut=7)
     size = src.stat().st_size - 7
-    ds = Sparse4DDataset(str(infos_with_files(infos_pkl, tmp_path, lidar=cut)), CLASSES, AUG, photometric=False)
+    ds = make_dataset(infos_with_files(infos_pkl, tmp_path, lidar=cut), photometric=False)
     with pytest.raises(DatasetError, match=rf"{cut.name}: {size} bytes"):
         ds[0]
     cut.write_bytes(b"")
@@ -387,7 +390,7 @@ def test_cut_lidar_file_is_an_error_naming_it(infos_pkl, tmp_path):
 
 
 @pytest.mark.parametrize("profile", ["params.yaml", "params-full.yaml", "params-performance.yaml"])
-def test_the_stages_dataset_follows_the_profile_not_the_constructor_defaults(infos_pkl, profile):
+def test_the_stages_dataset_follows_the_profile(infos_pkl, profile):
     """dataset_from_params is the one way train, validation, evaluate and the benchmarks build
     the dataset: each data setting is the profile's."""
     import yaml

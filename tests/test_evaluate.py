@@ -401,7 +401,7 @@ def test_fused_conv_bn_keeps_the_outputs(small_twin, stage_workspace, val_infos,
     benchmark.py --fuse-conv-bn): the val frames' boxes and scores stay within 1e-4."""
     import torch
 
-    from pipeline.dataset import Sparse4DDataset, collate
+    from pipeline.dataset import collate, dataset_from_params
     from pipeline.evaluate import eval_model, infer
 
     monkeypatch.chdir(small_twin.parent.parent)
@@ -413,14 +413,7 @@ def test_fused_conv_bn_keeps_the_outputs(small_twin, stage_workspace, val_infos,
         elif key.endswith("running_var"):
             value.uniform_(0.5, 2.0, generator=gen)
     params = stage_params(small_twin)
-    dataset = Sparse4DDataset(
-        str(stage_workspace / "val.pkl"),
-        classes=list(params["model"]["classes"]),
-        data_aug_conf=dict(params["data"]["aug"]),
-        test_mode=True,
-        with_seq_flag=True,
-        sequences_split_num=1,
-    )
+    dataset = dataset_from_params(params, str(stage_workspace / "val.pkl"), training=False, fast_images=False)
     outputs = []
     for fuse in (False, True):
         model = eval_model(ckpt, params["model"], "fp32", torch.device("cpu"), fuse_conv_bn=fuse)

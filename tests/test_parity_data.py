@@ -33,8 +33,9 @@ import pytest
 
 from pipeline.anchors import kmeans_anchors
 from pipeline.convert import convert
-from pipeline.dataset import IMG_STD, Sparse4DDataset
+from pipeline.dataset import Sparse4DDataset
 from pipeline.sampler import GroupInBatchSampler
+from pipeline.sensors import IMG_STD
 from pipeline.settings import CLASSES as DETECTION_CLASSES
 from tests.reference import reference_modules, require_reference
 from tests.test_convert import write_variant
@@ -51,6 +52,10 @@ AUG = {
     "rand_flip": True,
     "rot3d_range": [-0.3925, 0.3925],
 }
+# the reference's data settings over AUG, as reference_dataset configures its dataset
+REFERENCE_DATA = dict(
+    data_aug_conf=AUG, sequences_split_num=2, fast_images=False, use_valid_flag=False, photometric=True
+)
 IMG_NORM = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)
 
 
@@ -274,7 +279,7 @@ def test_dataset_samples_equal_the_reference_pipelines(test_mode, info_pkls, var
     monkeypatch.chdir(variant_root)
     pkl = info_pkls["val" if test_mode else "train"]
     ref_ds = reference_dataset(pkl, test_mode)
-    ours = Sparse4DDataset(str(pkl), CLASSES, AUG, test_mode=test_mode, fast_images=False, photometric=True)
+    ours = Sparse4DDataset(str(pkl), CLASSES, test_mode=test_mode, **REFERENCE_DATA)
     assert [i["token"] for i in ours.data_infos] == [i["token"] for i in ref_ds.data_infos]
     if not test_mode:
         np.testing.assert_array_equal(ours.flag, ref_ds.flag)
@@ -345,7 +350,7 @@ def test_sampler_on_the_datasets_hands_out_the_reference_batches(info_pkls, vari
     monkeypatch.chdir(variant_root)
     samplers = reference_datasets().samplers
     ref_ds = reference_dataset(info_pkls["train"], test_mode=False)
-    ours_ds = Sparse4DDataset(str(info_pkls["train"]), CLASSES, AUG)
+    ours_ds = Sparse4DDataset(str(info_pkls["train"]), CLASSES, **REFERENCE_DATA)
     ref = samplers.GroupInBatchSampler(ref_ds, 2, 1, 0, seed=0)
     ours = GroupInBatchSampler(ours_ds.flag, 2, 1, 0, seed=0, get_augmentation=ours_ds.get_augmentation)
     a, b = batches(ours, 100, numpy_seed=5), batches(ref, 100, numpy_seed=5)

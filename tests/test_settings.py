@@ -165,7 +165,7 @@ def test_one_place_defines_the_classes_and_versions():
     ],
 )
 def test_lr_scales_with_the_global_batch(rule, batch, factor):
-    from pipeline.train import scaled_lr
+    from pipeline.schedule import scaled_lr
 
     assert math.isclose(scaled_lr(6e-4, batch, rule), 6e-4 * factor, rel_tol=1e-12)
 

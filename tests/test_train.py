@@ -25,8 +25,9 @@ from pipeline.anchors import kmeans_anchors
 from pipeline.convert import convert
 from pipeline.devices import DeviceError
 from pipeline.live import VAL_METRICS
+from pipeline.schedule import adamw, advance_schedule, lr_factor, lr_schedule
 from pipeline.settings import CLASSES
-from pipeline.train import TrainError, adamw, advance_schedule, lr_factor, lr_schedule, train
+from pipeline.train import TrainError, train
 from tests.conftest import ROOT, launch_stage
 
 TINY_MODEL = dict(
