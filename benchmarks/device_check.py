@@ -13,11 +13,21 @@ fp16 iterations timed from one iteration's end to the next, averaged over all bu
 FPS = batch / that time. The seed's table is 8 devices at 6 each (global batch 48); one device at
 batch 6 is the same per-device work without the gradient all-reduce.
 
+Side by side with the reference (`--reference`, on by default on a CUDA GPU): the reference's own
+model (HorizonRobotics/Sparse4D c41df4bb, built by tests/reference.py from its checkout) with the same
+initial weights, batch and step, through its compiled deformable-aggregation op
+(benchmarks/device_check.sh builds it), and its own mixed precision (mmcv's wrap_fp16_model, as its
+Fp16OptimizerHook does: auto_fp16 on the image features, static loss scale 32). The two models run one
+after the other in this process, on the same device; the script prints ours / reference for the step
+time and the peak memory, fp32 and fp16. Without the compiled op the comparison is skipped, saying so
+(the oracle that stands in for it is not the reference's speed). On a CPU (`--reference on`, the smoke
+test) the reference runs its grid_sample fallback, in fp32 only (mmcv's fp16 is CUDA's autocast).
+
 The summary at the end (device, versions, aggregation backend, figures) is meant to be pasted into
 an issue. Run from the repository root in the project's environment:
 
     python -m benchmarks.device_check [--device auto|npu|cuda|cpu] [--batch 6] [--iters 5] [--warmup 2]
-        [--seed-iters 50] [--params params-full.yaml]
+        [--seed-iters 50] [--params params-full.yaml] [--reference auto|on|off]
 
 (`--device cpu --params params.yaml --batch 1` is a quick smoke test of the script itself.)
 """
@@ -89,6 +99,49 @@ def training_setup(model_cfg: dict, anchor: np.ndarray, device: torch.device, pr
     return model, optimizer, grad_scaler(device, precision, init_scale=32.0)
 
 
+def reference_setup(model_cfg: dict, anchor: np.ndarray, device: torch.device, precision: str) -> tuple:
+    """The reference's detector with our seeded initial weights (copied by name), AdamW and the same loss
+    scaler; fp16 as the reference's Fp16OptimizerHook sets it up (mmcv's wrap_fp16_model). Its deformable
+    aggregation: the compiled op on CUDA, the grid_sample fallback elsewhere."""
+    from tests.reference import build_reference, copy_state, reference_params
+
+    ours = training_setup(model_cfg, anchor, torch.device("cpu"), "fp32")[0]
+    reference = build_reference(reference_params(dict(model_cfg)), anchor, use_deformable_func=device.type == "cuda")
+    copy_state(ours, reference)
+    reference.to(device).train()
+    if precision != "fp32":
+        from mmcv.runner import wrap_fp16_model
+
+        wrap_fp16_model(reference)
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=6e-4, weight_decay=1e-3)
+    return ReferenceLosses(reference, device), optimizer, grad_scaler(device, precision, init_scale=32.0)
+
+
+class ReferenceLosses(torch.nn.Module):
+    """The reference detector called as its training loop calls it (`model(img=..., **data)`), returning
+    the loss terms (mmdet's parse_losses sums the entries named loss*)."""
+
+    def __init__(self, reference: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.reference, self.device = reference, device
+
+    def forward(self, batch: dict) -> dict:
+        from tests.reference import running_reference
+
+        data = dict(batch)
+        img = data.pop("img")
+        with running_reference(self.device):
+            losses = self.reference(img=img, **data)
+        return {k: v for k, v in losses.items() if "loss" in k}
+
+
+def compiled_reference_op() -> bool:
+    """Whether the reference's compiled CUDA op imports (device_check.sh builds it)."""
+    from tests.reference import _compiled_op
+
+    return _compiled_op() is not None
+
+
 def train_step(model, optimizer, scaler, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, losses, backward, unscale, clipping at 25, the AdamW update: the loss and gradient norm."""
     loss = sum(model(batch).values())
@@ -101,8 +154,18 @@ def train_step(model, optimizer, scaler, batch: dict) -> tuple[torch.Tensor, tor
     return loss, norm
 
 
-def run(precision: str, batch: dict, model_cfg: dict, anchor: np.ndarray, iters: int, warmup: int, device) -> dict:
-    model, optimizer, scaler = training_setup(model_cfg, anchor, device, precision)
+def run(
+    precision: str,
+    batch: dict,
+    model_cfg: dict,
+    anchor: np.ndarray,
+    iters: int,
+    warmup: int,
+    device,
+    reference: bool = False,
+) -> dict:
+    setup = reference_setup if reference else training_setup
+    model, optimizer, scaler = setup(model_cfg, anchor, device, precision)
     times, finite = [], True
     accel = accelerator(device)
     if accel is not None:
@@ -159,6 +222,38 @@ def versions(device: torch.device) -> str:
     return ", ".join(parts)
 
 
+def side_by_side(args, device: torch.device, batch: dict, model_cfg: dict, anchor: np.ndarray, ours: dict) -> list:
+    """The reference's step on the same device and batch (see the module docstring): its figures and
+    ours / reference, as summary lines (or the reason it was skipped)."""
+    if args.reference == "off" or (args.reference == "auto" and device.type != "cuda"):
+        return []
+    from tests.reference import require_reference
+
+    try:
+        require_reference()
+    except Exception as err:  # pytest's Skipped when the checkout is missing
+        return [f"  the reference: not timed ({err})"]
+    if device.type == "cuda" and not compiled_reference_op():
+        return ["  the reference: not timed (its compiled op deformable_aggregation_ext does not import: "
+                "bash benchmarks/device_check.sh builds it)"]  # fmt: skip
+    # mmcv's fp16 (the reference's) is CUDA autocast: on other devices the reference runs fp32 only
+    precisions = [p for p in ours if p == "fp32" or device.type == "cuda"]
+    op = "compiled op" if device.type == "cuda" else "grid_sample fallback"
+    lines = []
+    for precision in precisions:
+        ref = run(precision, batch, model_cfg, anchor, args.iters, args.warmup, device, reference=True)
+        mine = ours[precision]
+        line = (
+            f"  the reference {precision} ({op}): {ref['step_s']:.3f} s/step, peak {ref['peak_gib']:.1f} GiB, "
+            f"finite {ref['finite']}; ours / reference: step {mine['step_s'] / ref['step_s']:.2f}x"
+        )
+        if device.type != "cpu":
+            line += f", peak memory {mine['peak_gib'] / ref['peak_gib']:.2f}x"
+        print(line.strip())
+        lines.append(line)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto", help="auto (an NPU, else a CUDA GPU), npu, cuda or cpu")
@@ -167,6 +262,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed-iters", type=int, default=50, help="iterations of the seed's measure (0: skip)")
     parser.add_argument("--params", default=str(ROOT / "params-full.yaml"), help="the profile whose model is run")
+    parser.add_argument(
+        "--reference",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="time the reference's step too (auto: on a CUDA GPU, with its compiled op)",
+    )
     args = parser.parse_args(argv)
     kind = resolve_device(args.device)
     if kind == "cpu" and args.device == "auto":
@@ -194,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = [f"device_check summary: {versions(device)}", f"  profile {Path(args.params).name}, batch {args.batch}"]
     for precision, r in results.items():
         summary.append(f"  {precision}: {r['step_s']:.3f} s/step, peak {r['peak_gib']:.1f} GiB, finite {r['finite']}")
+    summary += side_by_side(args, device, batch, params["model"], anchor, results)
     if args.seed_iters > 1:
         seed = seed_measure(batch, params["model"], anchor, args.seed_iters, device, low)
         summary.append(
