@@ -334,6 +334,7 @@ SCHEMA: dict[str, Any] = {
         "opset": Int(16),  # GridSample needs 16; 17 has LayerNormalization
         "check_frames": Int(0),  # first val frames checked in onnxruntime against PyTorch; 0: all
         "tolerance": Float(0.0, lo_open=True),
+        "min_score": PROBABILITY,  # detections and kept instances checked from this score up
     },
 }
 

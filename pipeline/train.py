@@ -170,9 +170,9 @@ def train_step(
     grad_norm = torch.nn.utils.clip_grad_norm_(ddp.parameters(), grad_clip)
     finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
     if dist.world_size > 1:
-        flag = torch.tensor([float(finite)], device=dist.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        finite = bool(flag.item() > 0)
+        finite_everywhere = torch.tensor([float(finite)], device=dist.device)
+        torch.distributed.all_reduce(finite_everywhere, op=torch.distributed.ReduceOp.MIN)
+        finite = bool(finite_everywhere.item() > 0)
     if finite:
         scaler.step(optimizer)
     scaler.update(static_scale)  # a static scale (the reference's 32) is set back every step

@@ -11,7 +11,7 @@ import torch
 
 from model import build_model
 from model.export import INPUTS, OUTPUTS, ExportError, InferenceStep
-from pipeline.export import ExportCheckError, compare, export, frame_inputs, next_state
+from pipeline.export import ExportCheckError, compare, compare_state, export, frame_inputs, next_state
 from tests.conftest import STAGE_MODEL, model_settings, stage_params
 
 
@@ -58,8 +58,8 @@ def test_the_step_is_the_eager_model_across_first_frames_history_and_a_gap(
             eager = {k: v.numpy() for k, v in model(batch)[0].items()}
             outputs = step(**frame_inputs(batch, previous), **state)
             named = dict(zip([name for name, *_ in OUTPUTS], [o.numpy() for o in outputs]))
-            diffs = compare(frame, eager, named, 1e-4)
-            assert max(diffs.values()) < 1e-4, diffs
+            diffs, rows, differing = compare(frame, eager, named, 1e-4, 0.0)  # every row checked
+            assert max(diffs.values()) < 1e-4 and rows == len(eager["instance_ids"]) and differing == 0, diffs
             state, previous = next_state(list(outputs)), batch
             bank = model.head.instance_bank
             np.testing.assert_allclose(state["cached_anchor"].numpy(), bank.cached_anchor.numpy(), atol=1e-4)
@@ -90,6 +90,8 @@ def test_export_stage_writes_a_graph_that_onnxruntime_runs_as_pytorch(
     assert json.loads(metrics_path.read_text()) == metrics
     assert metrics["frames"] == 3
     assert metrics["max_abs_diff_boxes"] <= 1e-3 and metrics["max_abs_diff_scores"] <= 1e-3
+    assert metrics["max_abs_diff_state"] <= 1e-3 and metrics["rows_checked"] > 0
+    assert metrics["low_score_rows_differing"] == 0 and metrics["max_abs_diff_boxes_own_state"] <= 1e-3
     assert metrics["onnxruntime_fps"] > 0 and metrics["torch_fps"] > 0
     graph = onnx.load(str(out / "model.onnx"))
     assert [i.name for i in graph.graph.input] == [name for name, *_ in INPUTS]
@@ -123,8 +125,8 @@ def test_compare_names_the_frame_and_what_differs():
         "instance_ids": np.array([4, 7, 9]),
         "labels_3d": np.array([0, 1, 2]),
         "boxes_3d": np.arange(30, dtype=np.float32).reshape(3, 10),
-        "scores_3d": np.array([0.9, 0.5, 0.1], np.float32),
-        "cls_scores": np.array([0.9, 0.6, 0.2], np.float32),
+        "scores_3d": np.array([0.9, 0.5, 0.01], np.float32),
+        "cls_scores": np.array([0.9, 0.6, 0.02], np.float32),
     }
     swapped = [1, 0, 2]  # a near-tie in the graph's order: matched by id, not by rank
     onnx = {
@@ -134,13 +136,45 @@ def test_compare_names_the_frame_and_what_differs():
         "scores": eager["scores_3d"][None],
         "cls_scores": eager["cls_scores"][None],
     }
-    assert compare(3, eager, onnx, 1e-3)["boxes"] == pytest.approx(1e-5, abs=1e-6)
+    diffs, rows, differing = compare(3, eager, onnx, 1e-3, 0.05)
+    assert diffs["boxes"] == pytest.approx(1e-5, abs=1e-6) and (rows, differing) == (2, 0)
     with pytest.raises(ExportCheckError, match="val frame 3: onnxruntime and PyTorch give different tracking ids"):
-        compare(3, eager, {**onnx, "instance_ids": np.array([[4, 7, 8]])}, 1e-3)
+        compare(3, eager, {**onnx, "instance_ids": np.array([[4, 7, 8]])}, 1e-3, 0.05)
     with pytest.raises(ExportCheckError, match="val frame 3: .* other labels"):
-        compare(3, eager, {**onnx, "labels": np.array([[1, 1, 2]])}, 1e-3)
+        compare(3, eager, {**onnx, "labels": np.array([[1, 1, 2]])}, 1e-3, 0.05)
     with pytest.raises(ExportCheckError, match="val frame 3: onnxruntime's scores differ"):
-        compare(3, eager, {**onnx, "scores": onnx["scores"] + 0.01}, 1e-3)
+        compare(3, eager, {**onnx, "scores": onnx["scores"] + 0.01}, 1e-3, 0.05)
+    # id 9 scores 0.01 on both sides: another instance behind it (a near-tie below min_score) is counted
+    other = onnx["boxes"].copy()
+    other[0, 2] += 5.0
+    assert compare(3, eager, {**onnx, "boxes": other, "labels": np.array([[1, 0, 5]])}, 1e-3, 0.05)[2] == 1
+    with pytest.raises(ExportCheckError, match="boxes differ from PyTorch's by 5"):
+        compare(3, eager, {**onnx, "boxes": other}, 1e-3, 0.0)  # min_score 0: every row is checked
+
+
+def test_compare_state_follows_the_kept_instances_by_id():
+    eager = {
+        "cached_id": np.array([[7, 4, 9]]),
+        "cached_confidence": np.array([[0.8, 0.3, 0.01]], np.float32),
+        "cached_anchor": np.arange(33, dtype=np.float32).reshape(1, 3, 11),
+        "cached_feature": np.ones((1, 3, 4), np.float32),
+        "prev_id": np.array([12]),
+    }
+    order = [1, 0, 2]  # another order, and instance 9 (below min_score) replaced by 11
+    onnx = {
+        "next_id": np.array([[4, 7, 11]]),
+        "next_confidence": eager["cached_confidence"][:, order],
+        "next_anchor": eager["cached_anchor"][:, order] + 1e-6,
+        "next_feature": eager["cached_feature"][:, order],
+        "next_prev_id": np.array([12]),
+    }
+    assert 0 < compare_state(2, eager, onnx, 1e-3, 0.05) < 1e-5
+    with pytest.raises(ExportCheckError, match="val frame 2: PyTorch keeps instance 4 .* onnxruntime does not"):
+        compare_state(2, eager, {**onnx, "next_id": np.array([[5, 7, 11]])}, 1e-3, 0.05)
+    with pytest.raises(ExportCheckError, match="onnxruntime has handed out 13 tracking ids, PyTorch 12"):
+        compare_state(2, eager, {**onnx, "next_prev_id": np.array([13])}, 1e-3, 0.05)
+    with pytest.raises(ExportCheckError, match="kept instances .* differ"):
+        compare_state(2, eager, {**onnx, "next_anchor": onnx["next_anchor"] + 0.01}, 1e-3, 0.05)
 
 
 def test_a_model_without_temporal_instances_is_refused():
