@@ -153,7 +153,9 @@ class InferenceStep(nn.Module):
 
         anchor_embed = head.anchor_encoder(anchor)
         temp_anchor_embed = head.anchor_encoder(temp_anchor)
-        instance_id = torch.full_like(cached_id, -1)
+        # -1 (no id yet) made by integer arithmetic: torch 2.1's exporter types a folded integer
+        # constant in Where as float
+        instance_id = cached_id * 0 - 1
         num_refined, last = 0, len(head.operation_order) - 1
         cls = quality = None
         for i, op in enumerate(head.operation_order):
@@ -204,7 +206,8 @@ class InferenceStep(nn.Module):
         next_confidence, (next_feature, next_anchor) = topk(confidence, num_temp, instance_feature, anchor)
 
         # InstanceBank.get_instance_id: carried-over ids stay, new instances get the next ones in order
-        ids = torch.cat([instance_id, instance_id.new_full((bs, num_anchor - num_temp), -1)], 1)
+        no_id = instance_id[:, :1].repeat(1, num_anchor - num_temp) * 0 - 1
+        ids = torch.cat([instance_id, no_id], 1)
         new = ids < 0
         counted = torch.cumsum(new.reshape(-1).long(), 0).reshape(bs, num_anchor)
         ids = torch.where(new, prev_id + counted - 1, ids)

@@ -398,7 +398,11 @@ def test_inference_speed_counts_the_model_calls_after_the_warm_up():
 
 def test_fused_conv_bn_keeps_the_outputs(small_twin, stage_workspace, val_infos, tmp_path, monkeypatch):
     """evaluate.fuse_conv_bn folds each BatchNorm into its convolution (the reference's
-    benchmark.py --fuse-conv-bn): the val frames' boxes and scores stay within 1e-4."""
+    benchmark.py --fuse-conv-bn): the val frames' boxes and scores stay within 1e-4 (absolute) plus
+    1e-4 (relative). The relative part is float32 rounding, proven in float64: on the seed's torch
+    2.1 this model's fused and plain boxes differ by 1.22e-4 (on a value of 1.6) in float32; run in
+    float64 they agree to one float32 step of the (float32) output, 1.5e-5, while the plain model's
+    own float32 boxes are 1.6e-4 from its float64 ones."""
     import torch
 
     from pipeline.dataset import collate, dataset_from_params
@@ -423,7 +427,7 @@ def test_fused_conv_bn_keeps_the_outputs(small_twin, stage_workspace, val_infos,
     plain, fused = outputs
     for idx in plain:
         for key in ("boxes_3d", "scores_3d", "labels_3d", "instance_ids"):
-            np.testing.assert_allclose(fused[idx][key], plain[idx][key], atol=1e-4, err_msg=f"{idx} {key}")
+            np.testing.assert_allclose(fused[idx][key], plain[idx][key], atol=1e-4, rtol=1e-4, err_msg=f"{idx} {key}")
 
 
 def test_a_checkpoint_trained_with_other_model_settings_is_named():
